@@ -1,0 +1,410 @@
+"""The durable SQLite store: every accepted event lives here until the master has it.
+
+One table of undelivered events in arrival order (``seq``, AUTOINCREMENT so a sequence number
+is never reused and a reader's cursor never misses a row), one table of dead letters (batches
+the master refused as poison), and per-kind counters. In local mode (no master) the spool is
+simply the local store: events stay until the size limit makes room.
+
+Durability: WAL with ``synchronous=FULL``; :meth:`Spool.append` writes a whole group of events
+in one transaction, so many events share one fsync (group commit). An event is acknowledged to
+its producer only after the transaction holding it has committed.
+
+Resource handling:
+    One ``sqlite3`` connection, used from worker threads (``trio.to_thread``) one call at a
+    time under a lock. :meth:`Spool.close` checkpoints the WAL.
+
+Error handling:
+    ``sqlite3.Error`` and ``OSError`` propagate to the caller: the group commit turns them into
+    an error reply for every event of the group (nothing of the group is acknowledged).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from .events import DURABLE_KINDS, Event, Kind
+
+__all__ = ["COUNTERS", "Spool", "SpoolCorrupt", "Spooled"]
+
+SCHEMA_VERSION = 1
+#: Per-kind counters kept in the database, so they survive restarts.
+COUNTERS = ("accepted", "delivered", "dropped", "dead_lettered", "retried", "refused")
+_CHUNK = 500  # ids per statement (SQLite's variable limit is 32766; keep statements small)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT NOT NULL UNIQUE,
+    kind        TEXT NOT NULL,
+    job_id      TEXT NOT NULL,
+    fuzzer      TEXT NOT NULL,
+    ts_ns       INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL,
+    peer_pid    INTEGER NOT NULL,
+    peer_uid    INTEGER NOT NULL,
+    body        BLOB NOT NULL,
+    size        INTEGER NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_kind_seq ON events(kind, seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    job_id      TEXT NOT NULL,
+    fuzzer      TEXT NOT NULL,
+    ts_ns       INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL,
+    peer_pid    INTEGER NOT NULL,
+    peer_uid    INTEGER NOT NULL,
+    body        BLOB NOT NULL,
+    size        INTEGER NOT NULL,
+    attempts    INTEGER NOT NULL,
+    status      INTEGER,
+    error       TEXT NOT NULL,
+    failed_ns   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    kind  TEXT NOT NULL,
+    name  TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_COLUMNS = "id, kind, job_id, fuzzer, ts_ns, received_ns, peer_pid, peer_uid, body, size, attempts"
+
+
+class SpoolCorrupt(Exception):
+    """The spool database cannot be read. The message names the file and SQLite's complaint."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """An undelivered event as read back from the spool."""
+
+    seq: int
+    event: Event
+    size: int
+    attempts: int
+
+
+class Spool:
+    """The durable store. Every method is blocking and thread-safe; call from a worker thread."""
+
+    def __init__(self, path: Path, *, max_bytes: int = 1024**3) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+            rows = self._db.execute(
+                "SELECT kind, COUNT(*), COALESCE(SUM(size), 0) FROM events GROUP BY kind"
+            ).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise SpoolCorrupt(f"spool database {self.path} cannot be read: {exc}") from exc
+        self._count: Counter[str] = Counter({kind: n for kind, n, _ in rows})
+        self._bytes: Counter[str] = Counter({kind: b for kind, _, b in rows})
+
+    # -- writing -------------------------------------------------------------------------
+
+    def append(self, events: Sequence[Event], sizes: Sequence[int] | None = None) -> list[str | None]:
+        """Store a group of events in one durable transaction.
+
+        Returns, per event, ``None`` when it is stored (or was already: an id seen before is a
+        producer's resend, and storing it again would duplicate it), or ``"spool_full"`` when it
+        was refused. When the spool is full, stats, coverage and lifecycle events make room by
+        dropping the oldest of their own kind; crash and corpus events are refused, never
+        dropped. ``sizes`` adds bytes stored outside the database (crash inputs) to each
+        event's accounted size.
+        """
+        results: list[str | None] = []
+        delta: Counter[tuple[str, str]] = Counter()
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time_ns()
+                for i, ev in enumerate(events):
+                    body = msgpack.packb(dict(ev.fields), use_bin_type=True)
+                    size = len(body) + (sizes[i] if sizes else 0)
+                    if self.total_bytes + size > self.max_bytes and not self._make_room(
+                        ev.kind, size, delta
+                    ):
+                        delta[ev.kind, "refused"] += 1
+                        results.append("spool_full")
+                        continue
+                    cur = db.execute(
+                        f"INSERT OR IGNORE INTO events ({_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                        (ev.id, ev.kind.value, ev.job_id, ev.fuzzer, ev.timestamp_ns, now,
+                         ev.peer_pid, ev.peer_uid, body, size),
+                    )
+                    if cur.rowcount == 1:
+                        self._count[ev.kind] += 1
+                        self._bytes[ev.kind] += size
+                        delta[ev.kind, "accepted"] += 1
+                    results.append(None)
+                self._bump(delta)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                self._reload_totals()
+                raise
+        return results
+
+    def _make_room(self, kind: Kind, size: int, delta: Counter[tuple[str, str]]) -> bool:
+        if kind in DURABLE_KINDS:
+            return False
+        need = self.total_bytes + size - self.max_bytes
+        rows = self._db.execute(
+            "SELECT seq, size FROM events WHERE kind = ? ORDER BY seq LIMIT 1000", (kind.value,)
+        ).fetchall()
+        victims, freed = [], 0
+        for seq, victim_size in rows:
+            if freed >= need:
+                break
+            victims.append(seq)
+            freed += victim_size
+        if freed < need:
+            return False
+        self._db.executemany("DELETE FROM events WHERE seq = ?", [(s,) for s in victims])
+        self._count[kind] -= len(victims)
+        self._bytes[kind] -= freed
+        delta[kind, "dropped"] += len(victims)
+        return True
+
+    def _bump(self, delta: Counter[tuple[str, str]]) -> None:
+        if delta:
+            self._db.executemany(
+                "INSERT INTO counters VALUES (?, ?, ?) "
+                "ON CONFLICT (kind, name) DO UPDATE SET value = value + excluded.value",
+                [(kind, name, n) for (kind, name), n in delta.items() if n],
+            )
+
+    def _reload_totals(self) -> None:
+        rows = self._db.execute(
+            "SELECT kind, COUNT(*), COALESCE(SUM(size), 0) FROM events GROUP BY kind"
+        ).fetchall()
+        self._count = Counter({kind: n for kind, n, _ in rows})
+        self._bytes = Counter({kind: b for kind, _, b in rows})
+
+    # -- reading and settling ------------------------------------------------------------
+
+    def read_after(self, cursor: int, limit: int) -> list[Spooled]:
+        """Up to ``limit`` undelivered events with ``seq > cursor``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT seq, {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (cursor, limit),
+            ).fetchall()
+        return [_spooled(row) for row in rows]
+
+    def delivered(self, ids: Iterable[str]) -> int:
+        """Forget events the master has; count them as delivered. Returns how many."""
+        return self._remove(list(ids), "delivered", None)
+
+    def dead_letter(self, failures: Sequence[tuple[str, int | None, str]]) -> int:
+        """Move events the master refused (``(id, status, error)``) to the dead letters."""
+        return self._remove([f[0] for f in failures], "dead_lettered", failures)
+
+    def _remove(
+        self, ids: list[str], counter: str, failures: Sequence[tuple[str, int | None, str]] | None
+    ) -> int:
+        delta: Counter[tuple[str, str]] = Counter()
+        removed = 0
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if failures is not None:
+                    now = time.time_ns()
+                    db.executemany(
+                        f"INSERT OR REPLACE INTO dead_letters ({_COLUMNS}, status, error, failed_ns) "
+                        f"SELECT {_COLUMNS}, ?, ?, ? FROM events WHERE id = ?",
+                        [(status, error, now, id_) for id_, status, error in failures],
+                    )
+                for start in range(0, len(ids), _CHUNK):
+                    chunk = ids[start : start + _CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    for kind, size in db.execute(
+                        f"DELETE FROM events WHERE id IN ({marks}) RETURNING kind, size", chunk
+                    ).fetchall():
+                        self._count[kind] -= 1
+                        self._bytes[kind] -= size
+                        delta[kind, counter] += 1
+                        removed += 1
+                self._bump(delta)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                self._reload_totals()
+                raise
+        return removed
+
+    def note_retry(self, ids: Sequence[str]) -> None:
+        """Count one more failed delivery round for these events."""
+        delta: Counter[tuple[str, str]] = Counter()
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(ids), _CHUNK):
+                    chunk = list(ids[start : start + _CHUNK])
+                    marks = ",".join("?" * len(chunk))
+                    for (kind,) in db.execute(
+                        f"UPDATE events SET attempts = attempts + 1 WHERE id IN ({marks}) "
+                        "RETURNING kind",
+                        chunk,
+                    ).fetchall():
+                        delta[kind, "retried"] += 1
+                self._bump(delta)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    # -- dead letters --------------------------------------------------------------------
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest dead letters, with the master's answer."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, kind, job_id, status, error, failed_ns, attempts FROM dead_letters "
+                "ORDER BY failed_ns DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        keys = ("id", "kind", "job_id", "status", "error", "failed_ns", "attempts")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def retry_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        """Put dead letters (all, or those named) back in line for delivery. Returns how many.
+
+        They get new sequence numbers, so a running pipeline picks them up like new events.
+        """
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                where, args = "", ()
+                if ids is not None:
+                    where = f" WHERE id IN ({','.join('?' * len(ids))})"
+                    args = tuple(ids)
+                rows = db.execute(
+                    f"DELETE FROM dead_letters{where} RETURNING {_COLUMNS}", args
+                ).fetchall()
+                db.executemany(
+                    f"INSERT OR IGNORE INTO events ({_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                delta: Counter[tuple[str, str]] = Counter()
+                for row in rows:
+                    self._count[row[1]] += 1
+                    self._bytes[row[1]] += row[9]
+                    delta[row[1], "dead_lettered"] -= 1
+                self._bump(delta)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                self._reload_totals()
+                raise
+        return len(rows)
+
+    # -- status --------------------------------------------------------------------------
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of undelivered events (the figure the size limit applies to)."""
+        return sum(self._bytes.values())
+
+    @property
+    def total_count(self) -> int:
+        """Undelivered events of every kind."""
+        return sum(self._count.values())
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per kind: spooled count and bytes, the oldest undelivered event's age, the counters."""
+        with self._lock:
+            counters = self._db.execute("SELECT kind, name, value FROM counters").fetchall()
+            oldest = self._db.execute(
+                "SELECT kind, received_ns FROM events WHERE seq IN "
+                "(SELECT MIN(seq) FROM events GROUP BY kind)"
+            ).fetchall()
+            dead = self._db.execute(
+                "SELECT kind, COUNT(*) FROM dead_letters GROUP BY kind"
+            ).fetchall()
+        now = time.time_ns()
+        out: dict[str, dict[str, Any]] = {}
+        for kind in Kind:
+            entry: dict[str, Any] = {
+                "spooled": self._count[kind],
+                "spooled_bytes": self._bytes[kind],
+                "oldest_age_s": None,
+                "dead_letters": 0,
+            }
+            entry.update(dict.fromkeys(COUNTERS, 0))
+            out[kind.value] = entry
+        for kind, name, value in counters:
+            out.setdefault(kind, {})[name] = value
+        for kind, received_ns in oldest:
+            out[kind]["oldest_age_s"] = round(max(0, now - received_ns) / 1e9, 3)
+        for kind, n in dead:
+            out[kind]["dead_letters"] = n
+        return out
+
+    def get_meta(self, key: str) -> str | None:
+        """A value kept across restarts (the registered bot id, for one)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Keep a value across restarts."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def check(self) -> str:
+        """SQLite's integrity check: ``"ok"`` or the first problems found."""
+        with self._lock:
+            rows = self._db.execute("PRAGMA quick_check(20)").fetchall()
+        return "; ".join(str(r[0]) for r in rows)
+
+    def close(self) -> None:
+        """Checkpoint the WAL and close the database."""
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._db.close()
+
+
+def _spooled(row: tuple[Any, ...]) -> Spooled:
+    seq, id_, kind, job_id, fuzzer, ts_ns, _received, pid, uid, body, size, attempts = row
+    event = Event(
+        id=id_,
+        kind=Kind(kind),
+        job_id=job_id,
+        fuzzer=fuzzer,
+        timestamp_ns=ts_ns,
+        fields=msgpack.unpackb(body, raw=False),
+        peer_pid=pid,
+        peer_uid=uid,
+    )
+    return Spooled(seq=seq, event=event, size=size, attempts=attempts)

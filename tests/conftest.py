@@ -1,0 +1,68 @@
+"""Shared fixtures. Unix socket paths must stay under 108 bytes, so sockets live in a short
+temporary directory rather than in ``tmp_path``."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from pfcollector.config import Config
+from pfcollector.daemon import Daemon
+from pfcollector.events import Event, Kind
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pf"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, sock_dir: Path) -> Callable[..., Config]:
+    def make(**overrides: Any) -> Config:
+        values: dict[str, Any] = {
+            "socket_path": sock_dir / "pf.sock",
+            "data_dir": tmp_path / "data",
+        }
+        values.update(overrides)
+        return Config(**values)
+
+    return make
+
+
+@pytest.fixture
+async def local_daemon(
+    make_config: Callable[..., Config], nursery: trio.Nursery
+) -> AsyncIterator[Daemon]:
+    """A daemon in local mode, in this test's trio run, with a real socket and spool."""
+    daemon: Daemon = await nursery.start(
+        lambda task_status: Daemon(make_config()).run(handle_signals=False, task_status=task_status)
+    )
+    yield daemon
+    daemon.stop()
+
+
+def make_event(kind: Kind = Kind.COVERAGE, job_id: str = "job-1", **fields: Any) -> Event:
+    defaults: dict[Kind, dict[str, Any]] = {
+        Kind.CRASH: {"type": "SEGV", "signal": 11, "exit_code": 0, "output": "",
+                     "stack_trace": "", "hash": "ab" * 32, "size": 3, "file_path": "/x"},
+        Kind.COVERAGE: {"edges": 10, "new_edges": 1, "exec_count": 100},
+        Kind.CORPUS: {"files": ["a"], "total_size": 1},
+        Kind.STATS: {"executions": 5},
+    }
+    return Event(
+        id=str(uuid.uuid4()),
+        kind=kind,
+        job_id=job_id,
+        fuzzer="afl",
+        timestamp_ns=1_700_000_000_000_000_000,
+        fields={**defaults.get(kind, {"message": ""}), **fields},
+    )
