@@ -1,0 +1,197 @@
+"""From connections to the spool: the bounded ingest channel, group commit, and acks.
+
+Connections put :class:`Pending` events on one bounded channel (:data:`INGEST_QUEUE_SIZE`).
+A single :class:`GroupCommitter` takes whatever is waiting (up to :data:`GROUP_MAX`), stores
+the crash inputs, and writes the group to the spool in one durable transaction; then it
+settles each event's :class:`AckTracker`, which tells its connection which cumulative ack it
+may send. When the spool falls behind, the channel fills and connections stop reading:
+producers get flow control, the daemon does not grow.
+
+Error handling:
+    A group that cannot be written (disk full, I/O error) is settled with an error for every
+    event in it: none of them is acknowledged, so nothing acknowledged is lost, and the
+    committer goes on with the next group (the disk may have room again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .events import Event
+from .inputs import InputStore
+from .spool import Spool
+
+__all__ = [
+    "GROUP_MAX",
+    "INGEST_QUEUE_SIZE",
+    "AckTracker",
+    "GroupCommitter",
+    "Pending",
+]
+
+log = logging.getLogger(__name__)
+
+#: Events waiting between all connections and the group commit. When full, readers wait.
+INGEST_QUEUE_SIZE = 8192
+#: Most events written in one transaction (one fsync).
+GROUP_MAX = 2048
+
+
+class AckTracker:
+    """Which events of one connection are settled, for its cumulative ack.
+
+    Every seq the connection handled is recorded in order; an event is settled when it is
+    stored (or refused). The ack may cover a seq only once it and every seq before it are
+    settled. Errors found after the reader moved on (spool full, write failure) wait in
+    :attr:`errors` to be sent before the ack that covers them.
+    """
+
+    def __init__(self) -> None:
+        self._order: deque[list[int | bool]] = deque()
+        self._open: dict[int, list[int | bool]] = {}
+        self.acked = 0
+        self.ack_ready = 0
+        self.errors: list[tuple[int, str, str]] = []
+        self.changed = trio.Event()
+        self.closing = False
+
+    def close(self) -> None:
+        """The connection reads no more: the acker ends once everything is settled."""
+        self.closing = True
+        self.changed.set()
+
+    def submitted(self, seq: int) -> None:
+        """The reader handed ``seq`` to the spool; it is not settled yet."""
+        entry: list[int | bool] = [seq, False]
+        self._order.append(entry)
+        self._open[seq] = entry
+
+    def withdraw(self, seq: int) -> None:
+        """``seq`` never reached the spool (the reader was stopped): it must not be acked."""
+        entry = self._open.pop(seq, None)
+        if entry is not None and self._order and self._order[-1] is entry:
+            self._order.pop()
+        self.changed.set()
+
+    def handled(self, seq: int) -> None:
+        """``seq`` is settled at once (refused by validation, or accepted without the spool)."""
+        if self._order:
+            self._order.append([seq, True])
+        else:
+            self.ack_ready = max(self.ack_ready, seq)
+            self.changed.set()
+
+    def settle(self, seq: int, error: tuple[str, str] | None) -> None:
+        """The spool is done with ``seq``: stored (``error`` is None) or refused."""
+        entry = self._open.pop(seq, None)
+        if entry is None:
+            return
+        entry[1] = True
+        if error is not None:
+            self.errors.append((seq, *error))
+        while self._order and self._order[0][1]:
+            self.ack_ready = max(self.ack_ready, int(self._order.popleft()[0]))
+        self.changed.set()
+
+    @property
+    def unsettled(self) -> int:
+        """Events handed to the spool and not yet stored."""
+        return len(self._open)
+
+    async def wait_changed(self) -> None:
+        """Wait until there is something new to tell the client."""
+        await self.changed.wait()
+        self.changed = trio.Event()
+
+
+@dataclass(slots=True)
+class Pending:
+    """An accepted event on its way to the spool."""
+
+    event: Event
+    input: bytes | None
+    tracker: AckTracker
+    seq: int
+
+
+class GroupCommitter:
+    """The single writer of new events: many events per transaction, acks after commit."""
+
+    def __init__(self, spool: Spool, inputs: InputStore) -> None:
+        self.spool = spool
+        self.inputs = inputs
+        self.groups = 0
+        self.committed = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (in the trio thread) after every commit that stored something."""
+        self._listeners.append(callback)
+
+    async def run(self, receive: trio.MemoryReceiveChannel[Pending]) -> None:
+        """Commit groups until every sender of the channel is closed and it is drained.
+
+        Resource handling:
+            Ends only on ``EndOfChannel``: shutdown closes the senders, and everything they
+            put on the channel is still written and settled.
+        """
+        async with receive:
+            async for first in receive:
+                group = [first]
+                while len(group) < GROUP_MAX:
+                    try:
+                        group.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self.commit(group)
+
+    async def commit(self, group: list[Pending]) -> None:
+        """Write one group durably, then settle every event in it."""
+        try:
+            # Not cancellable: a commit that started finishes, so its acks are true.
+            results = await trio.to_thread.run_sync(self._write, group)
+        except (OSError, Exception) as exc:  # the disk, not the producer, failed
+            log.error("spool write failed for %d events: %s", len(group), exc)
+            failure = ("spool_write_failed", f"the daemon could not store the event: {exc}")
+            for item in group:
+                item.tracker.settle(item.seq, failure)
+            return
+        self.groups += 1
+        for item, result in zip(group, results, strict=True):
+            if result is None:
+                self.committed += 1
+                item.tracker.settle(item.seq, None)
+            else:
+                item.tracker.settle(item.seq, (result, _REFUSALS.get(result, result)))
+        for callback in self._listeners:
+            callback()
+
+    def _write(self, group: list[Pending]) -> list[str | None]:
+        events: list[Event] = []
+        sizes: list[int] = []
+        for item in group:
+            event = item.event
+            if item.input is not None:
+                stored = self.inputs.put(item.input)
+                fields = dict(event.fields)
+                fields.update(hash=stored.sha256, size=stored.size, file_path=stored.path)
+                fields.setdefault("is_unique", True)
+                event = dataclasses.replace(event, fields=fields)
+                sizes.append(stored.size)
+            else:
+                sizes.append(0)
+            events.append(event)
+        self.inputs.sync_dirs()
+        return self.spool.append(events, sizes)
+
+
+_REFUSALS = {
+    "spool_full": "the spool is full (spool_max_bytes); crash and corpus events are refused, "
+    "not dropped: deliver or raise the limit",
+}
