@@ -1,0 +1,569 @@
+"""The pfcollector wire protocol, sans-I/O: bytes in, validated messages out, messages to bytes.
+
+A frame is a 4-byte unsigned big-endian length ``N`` followed by ``N`` bytes holding exactly one
+msgpack map with string keys; key ``"t"`` names the message type. :class:`ServerConnection` is
+the daemon's side (like ``h11.Connection``): feed it what the socket read with
+:meth:`~ServerConnection.receive_data`, pull messages with :meth:`~ServerConnection.next_message`.
+It owns the frame-size limit and the per-connection session rules (hello first, increasing
+``seq``). Event fields are validated against :data:`pfcollector.events.SCHEMAS`.
+
+This module never does I/O and never imports trio. ``docs/protocol.md`` is the prose version.
+
+Error handling:
+    Everything that is wrong with the peer's bytes raises a :class:`ProtocolError`, and nothing
+    else. A :class:`MessageError` is not fatal: the bad frame is consumed and the connection
+    stays usable. A :class:`FrameError` or :class:`SessionError` is fatal: reply with
+    :meth:`ProtocolError.to_message`, then close; the connection raises it again on every call.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NoReturn, TypeAlias
+
+import msgpack
+
+from pfcollector.events import FILE_NAME_MAX, INT64_MAX, INT64_MIN, SCHEMAS, FieldSpec, Kind
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "HEADER_SIZE",
+    "ID_MAX",
+    "NAME_MAX",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "Ack",
+    "ClientMessage",
+    "Control",
+    "ErrorMsg",
+    "EventMsg",
+    "FrameError",
+    "Hello",
+    "MessageError",
+    "ProtocolError",
+    "Reply",
+    "ServerConnection",
+    "ServerMessage",
+    "SessionError",
+    "Welcome",
+    "encode",
+    "parse_server_message",
+]
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({1})
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+HEADER_SIZE = 4
+#: Longest ``job_id`` / ``fuzzer`` (characters).
+NAME_MAX = 256
+#: Longest event ``id`` (characters of ``[A-Za-z0-9._:-]``).
+ID_MAX = 64
+
+_HEADER = struct.Struct(">I")
+_ID_RE = re.compile(rf"[A-Za-z0-9._:-]{{1,{ID_MAX}}}")
+_CONTROL_CHAR_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_KINDS: dict[str, Kind] = {kind.value: kind for kind in Kind}
+_SPECS: dict[Kind, tuple[FieldSpec, ...]] = dict(SCHEMAS)
+_NAMES = {kind: tuple(spec.name for spec in specs) for kind, specs in SCHEMAS.items()}
+# (name, type checked inline or None, required, default, spec) per kind, for the hot loop
+_FIELDS = {
+    kind: tuple(
+        (spec.name, spec.type if spec.type in (int, float) else None, spec.required,
+         spec.default, spec)
+        for spec in specs
+    )
+    for kind, specs in SCHEMAS.items()
+}  # fmt: skip
+_TS_LIMIT = INT64_MAX / 1e9
+_ENVELOPE = ("t", "seq", "kind", "id", "ts", "job_id")
+_MISSING: Any = object()
+_INT_SPECS = {name: FieldSpec(name, int) for name in ("seq", "v", "pid", "req", "max_frame")}
+# Nothing legitimate nests deeply or holds huge containers; the frame length bounds the rest.
+_MAX_CONTAINER_LEN = 4096
+_WIRE_TYPE = {
+    type(None): "nil", bool: "bool", int: "int", float: "float", str: "str", bytes: "bin",
+    list: "array", dict: "map",
+}  # fmt: skip
+_TYPE_WORD = {int: "an integer", float: "a number", str: "a string", bytes: "binary (bin)",
+              list: "an array of strings", dict: "a map"}  # fmt: skip
+
+
+class ProtocolError(Exception):
+    """Something the peer sent breaks the protocol; :attr:`code` says what, for machines.
+
+    Attributes:
+        code: A stable machine-readable code, e.g. ``"wrong_type"``.
+        message: Human-readable text naming the message, seq, kind and field involved.
+        field: The offending field's name, or ``None``.
+        seq: The offending event's ``seq``, or ``None``.
+        kind: The offending event's kind (for metrics), or ``None``.
+        fatal: Whether the daemon closes the connection after reporting it.
+    """
+
+    fatal: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        seq: int | None = None,
+        kind: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.seq = seq
+        self.kind = kind
+
+    def to_message(self) -> ErrorMsg:
+        """The ``error`` message that reports this error to the peer."""
+        return ErrorMsg(self.code, self.message, self.seq, self.field, self.fatal)
+
+
+class FrameError(ProtocolError):
+    """The byte stream cannot be framed or decoded (fatal): ``frame_too_large``, ``empty_frame``,
+    ``not_msgpack``, ``not_a_map``."""
+
+    fatal = True
+
+
+class MessageError(ProtocolError):
+    """One message is invalid; it is dropped and the connection goes on (not fatal)."""
+
+
+class SessionError(ProtocolError):
+    """Messages came in an impossible order or version (fatal): ``unsupported_version``,
+    ``no_hello``, ``hello_twice``."""
+
+    fatal = True
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A producer introduces itself: first message of an event-sending connection."""
+
+    version: int
+    job_id: str
+    fuzzer: str
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventMsg:
+    """One validated event. ``fields`` has every field of the kind's schema (defaults filled);
+    a crash's input bytes are ``fields["input"]``. ``ts_ns`` is nanoseconds since the epoch."""
+
+    seq: int
+    kind: Kind
+    fields: dict[str, Any]
+    id: str | None = None
+    ts_ns: int | None = None
+    job_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A control request (``status``, ``tune``, ...); answered by a :class:`Reply` with ``req``."""
+
+    req: int
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The daemon's answer to a supported :class:`Hello`."""
+
+    version: int
+    daemon: str
+    max_frame: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Every event of this connection with ``seq`` at most this one has been handled."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMsg:
+    """The daemon reports a :class:`ProtocolError` or a refused event."""
+
+    code: str
+    message: str
+    seq: int | None = None
+    field: str | None = None
+    fatal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The daemon's answer to a :class:`Control` request."""
+
+    req: int
+    ok: bool
+    result: Any = None
+    error: str | None = None
+
+
+ClientMessage: TypeAlias = Hello | EventMsg | Control
+ServerMessage: TypeAlias = Welcome | Ack | ErrorMsg | Reply
+
+
+def encode(msg: ClientMessage | ServerMessage) -> bytes:
+    """The whole frame (length prefix included) carrying ``msg``.
+
+    Raises:
+        ValueError: the encoded message does not fit a 32-bit length.
+    """
+    obj: dict[str, Any]
+    if isinstance(msg, EventMsg):
+        obj = {"t": "event", "seq": msg.seq, "kind": msg.kind.value}
+        if msg.id is not None:
+            obj["id"] = msg.id
+        if msg.ts_ns is not None:
+            obj["ts"] = msg.ts_ns / 1e9
+        if msg.job_id is not None:
+            obj["job_id"] = msg.job_id
+        obj.update(msg.fields)
+    elif isinstance(msg, Ack):
+        obj = {"t": "ack", "seq": msg.seq}
+    elif isinstance(msg, Hello):
+        obj = {"t": "hello", "v": msg.version, "job_id": msg.job_id, "fuzzer": msg.fuzzer,
+               "pid": msg.pid}  # fmt: skip
+    elif isinstance(msg, Control):
+        obj = {"t": "control", "req": msg.req, "op": msg.op, "args": msg.args}
+    elif isinstance(msg, Welcome):
+        obj = {"t": "welcome", "v": msg.version, "daemon": msg.daemon, "max_frame": msg.max_frame}
+    elif isinstance(msg, ErrorMsg):
+        obj = {"t": "error", "code": msg.code, "message": msg.message, "seq": msg.seq,
+               "field": msg.field, "fatal": msg.fatal}  # fmt: skip
+    else:
+        obj = {"t": "reply", "req": msg.req, "ok": msg.ok, "result": msg.result,
+               "error": msg.error}  # fmt: skip
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    if len(body) > 0xFFFFFFFF:
+        raise ValueError(f"message of {len(body)} bytes does not fit a frame")
+    return _HEADER.pack(len(body)) + body
+
+
+def _describe(value: object) -> str:
+    """``value`` for an error message, in msgpack terms and never long: ``float 11.0``."""
+    name = _WIRE_TYPE.get(type(value), "ext")
+    if isinstance(value, str | bytes) and len(value) > 40:
+        return f"{name} of length {len(value)}"
+    if isinstance(value, list | dict):
+        return f"{name} of {len(value)} items"
+    return f"{name} {value!r}" if name != "ext" else f"ext {type(value).__name__}"
+
+
+class _Checker:
+    """Validation helpers bound to one message's context (``where``, e.g. ``crash event seq 7``)."""
+
+    __slots__ = ("kind", "label", "seq")
+
+    def __init__(self, label: str, seq: int | None = None, kind: str | None = None) -> None:
+        self.label = label
+        self.seq = seq
+        self.kind = kind
+
+    @property
+    def where(self) -> str:
+        """The message, for error texts: ``crash event seq 7``. Built only when failing."""
+        where = self.label if self.kind is None else f"{self.kind} {self.label}"
+        return where if self.seq is None else f"{where} seq {self.seq}"
+
+    def fail(self, code: str, name: str | None, text: str) -> MessageError:
+        subject = f"field '{name}' " if name is not None else ""
+        text = f"{self.where}: {subject}{text}"
+        return MessageError(code, text, field=name, seq=self.seq, kind=self.kind)
+
+    def typed(self, obj: dict[Any, Any], name: str, want: type, required: bool = True) -> Any:
+        value: Any = obj.get(name, _MISSING)
+        if value is _MISSING:
+            if required:
+                raise self.fail("missing_field", name, "is required")
+            return None
+        if type(value) is not want:
+            got = _describe(value)
+            raise self.fail("wrong_type", name, f"must be {_TYPE_WORD[want]}, got {got}")
+        if want is int:
+            return self.field(_INT_SPECS.get(name) or FieldSpec(name, int), value)
+        return value
+
+    def name(self, obj: dict[Any, Any], name: str, required: bool = True) -> str | None:
+        value: str | None = self.typed(obj, name, str, required)
+        if value is None:
+            return None
+        if len(value) > NAME_MAX:
+            raise self.fail("too_long", name, f"is {len(value)} characters, limit {NAME_MAX}")
+        if not value or _CONTROL_CHAR_RE.search(value):
+            raise self.fail("out_of_range", name, "must be non-empty without control characters")
+        return value
+
+    def no_extra(self, obj: dict[Any, Any], allowed: tuple[str, ...]) -> None:
+        for key in obj:
+            if key not in allowed:
+                raise self.fail("unknown_field", str(key), "is not part of this message")
+
+    def field(self, spec: FieldSpec, value: Any) -> Any:
+        """``value`` checked (and possibly truncated or widened) against ``spec``."""
+        want, vtype, name, limit = spec.type, type(value), spec.name, spec.max_len
+        if vtype is want or (want is float and vtype is int):
+            if want is int:
+                if not INT64_MIN <= value <= INT64_MAX:
+                    raise self.fail("out_of_range", name, f"must fit in int64, got {value}")
+                return value
+            if want is float:
+                value = float(value)
+                if not math.isfinite(value):
+                    raise self.fail("out_of_range", name, f"must be finite, got {value}")
+                return value
+            if limit is not None and len(value) > limit:
+                if spec.truncate:
+                    return value[:limit]
+                unit = "bytes" if want is bytes else "items" if want is list else "characters"
+                raise self.fail("too_long", name, f"is {len(value)} {unit}, limit {limit}")
+            if want is list:
+                for i, item in enumerate(value):
+                    if type(item) is not str:
+                        raise self.fail("wrong_type", name, f"item {i} must be a string, got "
+                                        f"{_describe(item)}")  # fmt: skip
+                    if len(item) > FILE_NAME_MAX:
+                        raise self.fail("too_long", name, f"item {i} is {len(item)} characters, "
+                                        f"limit {FILE_NAME_MAX}")  # fmt: skip
+            return value
+        raise self.fail("wrong_type", name, f"must be {_TYPE_WORD[want]}, got {_describe(value)}")
+
+
+def _parse_event(obj: dict[Any, Any], last_seq: int) -> EventMsg:
+    """Validate an ``event`` map (which it consumes) into an :class:`EventMsg`.
+
+    This is the daemon's hot path: the common case (well-typed ints and floats) is checked
+    inline, and the context for error messages is only formatted on failure.
+    """
+    seq = obj.get("seq")
+    if type(seq) is not int or not INT64_MIN <= seq <= INT64_MAX:
+        seq = _Checker("event").typed(obj, "seq", int)
+    if seq <= last_seq:
+        raise MessageError("seq_not_increasing", f"event: seq {seq} is not above the previous "
+                           f"seq {last_seq}", field="seq")  # fmt: skip
+    kind_name = obj.get("kind")
+    kind = _KINDS.get(kind_name) if type(kind_name) is str else None
+    if kind is None:
+        if kind_name is None and "kind" not in obj:
+            raise _Checker("event", seq).fail("missing_field", "kind", "is required")
+        raise MessageError("unknown_kind", f"event seq {seq}: kind {_describe(kind_name)} is not "
+                           f"one of {', '.join(_KINDS)}", field="kind", seq=seq)  # fmt: skip
+    check = _Checker("event", seq, kind.value)
+    del obj["t"], obj["seq"], obj["kind"]
+    event_id = obj.pop("id", None)
+    if event_id is not None and (type(event_id) is not str or not _ID_RE.fullmatch(event_id)):
+        raise check.fail("bad_id", "id", f"must be 1..{ID_MAX} characters of [A-Za-z0-9._:-], "
+                         f"got {_describe(event_id)}")  # fmt: skip
+    ts_ns = None
+    ts = obj.pop("ts", None)  # nil means absent, for every optional envelope key
+    if ts is not None:
+        if type(ts) is not int and type(ts) is not float:
+            raise check.fail("wrong_type", "ts", f"must be a number, got {_describe(ts)}")
+        if not 0 <= ts < _TS_LIMIT:  # also refuses nan and inf
+            raise check.fail("out_of_range", "ts", f"must be seconds since the epoch, got {ts}")
+        ts_ns = ts * 1_000_000_000 if type(ts) is int else round(ts * 1e9)
+    job_id = check.name(obj, "job_id") if obj.get("job_id") is not None else None
+    obj.pop("job_id", None)
+    for name, fast, required, default, spec in _FIELDS[kind]:
+        value = obj.get(name, _MISSING)
+        if value is _MISSING:
+            if required:
+                raise check.fail("missing_field", name, "is required")
+            obj[name] = default
+        elif type(value) is not fast or not (
+            INT64_MIN <= value <= INT64_MAX if fast is int else value - value == 0.0  # finite
+        ):
+            obj[name] = check.field(spec, value)
+    if len(obj) != len(_FIELDS[kind]):
+        check.no_extra(obj, _NAMES[kind])
+    return EventMsg(seq, kind, obj, event_id, ts_ns, job_id)
+
+
+def _parse_hello(obj: dict[Any, Any]) -> Hello:
+    check = _Checker("hello")
+    check.no_extra(obj, ("t", "v", "job_id", "fuzzer", "pid"))
+    version = check.typed(obj, "v", int)
+    if version not in SUPPORTED_VERSIONS:
+        supported = ", ".join(str(v) for v in sorted(SUPPORTED_VERSIONS))
+        raise SessionError("unsupported_version", f"hello: protocol version {version} is not "
+                           f"supported; this daemon speaks {supported}", field="v")  # fmt: skip
+    job_id, fuzzer = check.name(obj, "job_id"), check.name(obj, "fuzzer")
+    pid = check.typed(obj, "pid", int)
+    if pid < 0:
+        raise check.fail("out_of_range", "pid", f"must not be negative, got {pid}")
+    assert job_id is not None
+    assert fuzzer is not None
+    return Hello(version, job_id, fuzzer, pid)
+
+
+def _parse_control(obj: dict[Any, Any]) -> Control:
+    check = _Checker("control")
+    check.no_extra(obj, ("t", "req", "op", "args"))
+    req, op = check.typed(obj, "req", int), check.typed(obj, "op", str)
+    check.label = f"control req {req} op {op!r}"
+    args = obj.get("args")
+    args = {} if args is None else check.typed(obj, "args", dict)  # nil means no arguments
+    for key in args:
+        if type(key) is not str:
+            raise check.fail("wrong_type", "args", f"keys must be strings, got {_describe(key)}")
+    return Control(req, op, args)
+
+
+def parse_server_message(obj: dict[Any, Any]) -> ServerMessage:
+    """Validate a decoded daemon->client map. Unknown keys are ignored (forward compatibility).
+
+    Raises:
+        MessageError: ``obj`` is not a valid welcome, ack, error or reply.
+    """
+    t = obj.get("t")
+    check = _Checker(f"{t} message" if type(t) is str else "message")
+    if t == "ack":
+        return Ack(check.typed(obj, "seq", int))
+    if t == "error":
+        seq, fld = obj.get("seq"), obj.get("field")
+        if seq is not None:
+            seq = check.typed(obj, "seq", int)
+        if fld is not None:
+            fld = check.typed(obj, "field", str)
+        return ErrorMsg(check.typed(obj, "code", str), check.typed(obj, "message", str), seq,
+                        fld, check.typed(obj, "fatal", bool))  # fmt: skip
+    if t == "reply":
+        error = obj.get("error")
+        if error is not None:
+            error = check.typed(obj, "error", str)
+        return Reply(check.typed(obj, "req", int), check.typed(obj, "ok", bool),
+                     obj.get("result"), error)  # fmt: skip
+    if t == "welcome":
+        return Welcome(check.typed(obj, "v", int), check.typed(obj, "daemon", str),
+                       check.typed(obj, "max_frame", int))  # fmt: skip
+    raise MessageError("unknown_message", f"unknown message type {_describe(t)}; expected "
+                       "welcome, ack, error or reply", field="t")  # fmt: skip
+
+
+class ServerConnection:
+    """The daemon's side of one client connection: frames and validates what the client sends.
+
+    Attributes:
+        max_frame: Largest accepted frame body, checked as soon as the length prefix arrives.
+        hello: The client's :class:`Hello`, once received.
+        last_seq: The highest event ``seq`` seen (0 before any): an :class:`Ack` for it covers
+            every event that did not raise.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        if not 1 <= max_frame <= 0xFFFFFFFF:
+            raise ValueError(f"max_frame must be 1..{0xFFFFFFFF}, got {max_frame}")
+        self.max_frame = max_frame
+        self.hello: Hello | None = None
+        self.last_seq = 0
+        self._buf = bytearray()
+        self._eof = False
+        self._error: ProtocolError | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes buffered and not yet returned as a message (a partial frame, once drained)."""
+        return len(self._buf)
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer closed its side and nothing is left buffered."""
+        return self._eof and not self._buf
+
+    @property
+    def truncated_eof(self) -> bool:
+        """The peer closed its side in the middle of a frame."""
+        return self._eof and bool(self._buf) and self._error is None
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes read from the socket; ``b""`` means the peer closed its side.
+
+        Raises:
+            RuntimeError: data after EOF.
+        """
+        if self._eof:
+            if data:
+                raise RuntimeError("received data after EOF")
+        elif not data:
+            self._eof = True
+        elif self._error is None:  # after a fatal error, nothing more is buffered
+            self._buf += data
+
+    def next_message(self) -> ClientMessage | None:
+        """The next complete message, or ``None`` until more data arrives (or at EOF).
+
+        Raises:
+            MessageError: the frame held an invalid message; it is consumed, go on.
+            FrameError: the stream cannot be framed; raised again on every later call.
+            SessionError: hello missing, repeated or of an unsupported version; sticky too.
+        """
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            return None
+        (size,) = _HEADER.unpack_from(buf)
+        if not 0 < size <= self.max_frame:
+            self._fail(FrameError("empty_frame", "frame length is 0") if size == 0 else
+                       FrameError("frame_too_large", f"frame of {size} bytes is larger than "
+                                  f"max_frame {self.max_frame}"))  # fmt: skip
+        end = HEADER_SIZE + size
+        if len(buf) < end:
+            return None
+        view = memoryview(buf)[HEADER_SIZE:end]
+        try:
+            obj = msgpack.unpackb(view, raw=False, strict_map_key=True, use_list=True,
+                                  max_array_len=_MAX_CONTAINER_LEN,
+                                  max_map_len=_MAX_CONTAINER_LEN)  # fmt: skip
+        except Exception as exc:
+            view.release()
+            self._fail(FrameError("not_msgpack", f"frame of {size} bytes is not exactly one "
+                                  f"msgpack object: {exc}"))  # fmt: skip
+        view.release()
+        del buf[:end]  # O(1) at the front of a bytearray
+        if type(obj) is not dict:
+            self._fail(FrameError("not_a_map", f"frame holds {_describe(obj)}, not a map"))
+        t = obj.get("t")
+        if t == "event":
+            if self.hello is None:
+                self._fail(SessionError("no_hello", "event before hello"))
+            try:
+                event = _parse_event(obj, self.last_seq)
+            except MessageError as exc:
+                if exc.seq is not None:
+                    self.last_seq = exc.seq  # a refused event still uses up its seq
+                raise
+            self.last_seq = event.seq
+            return event
+        if t == "control":
+            return _parse_control(obj)
+        if t == "hello":
+            if self.hello is not None:
+                self._fail(SessionError("hello_twice", "hello sent twice on one connection"))
+            try:
+                self.hello = _parse_hello(obj)
+            except SessionError as exc:
+                self._fail(exc)
+            return self.hello
+        raise MessageError("unknown_message", f"unknown message type {_describe(t)}; expected "
+                           "hello, event or control", field="t")  # fmt: skip
+
+    def _fail(self, error: ProtocolError) -> NoReturn:
+        """Make ``error`` sticky (it is fatal), drop the buffer, raise it."""
+        self._error = error
+        self._buf.clear()
+        raise error
