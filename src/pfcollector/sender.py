@@ -1,0 +1,646 @@
+"""Delivery to the master over HTTP: httpx for the requests, tenacity for retries, a breaker.
+
+:class:`Sender` takes a :class:`Batch` of one kind and hands back a :class:`DeliveryResult`
+saying, per event id, delivered, poisoned (set aside with the master's error) or requeue (send
+again later: nothing is ever dropped here). What goes into a request and what an answer means
+is :mod:`pfcollector.master`'s business; this module does the I/O around it.
+
+Every request goes through three steps:
+
+1. the breaker gate: while the breaker is open the call waits (in trio time) for the probe
+   moment; when half-open only the single probe goes, others wait for its answer;
+2. the POST, with the headers the master wants;
+3. tenacity: only :class:`TransientError` (no answer, 5xx, 408, 429) is retried, with full
+   jitter exponential waits, never shorter than a ``Retry-After`` the master gave.
+
+Logging is by state change, not by attempt: the first failure is a WARNING, later failures are
+DEBUG until the master answers again (the Go bot wrote 111 MB of logs in 45 s of outage).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NoReturn
+
+import httpx
+import tenacity
+import trio
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
+
+from pfcollector.breaker import BreakerState, CircuitBreaker
+from pfcollector.events import BATCH_KINDS, STATUS_KINDS, Event, Kind
+from pfcollector.master import (
+    BATCH_PATH,
+    REGISTER_PATH,
+    Delivered,
+    EncodeError,
+    Outcome,
+    Partial,
+    Poison,
+    Transient,
+    classify,
+    encode_batches,
+    heartbeat_body,
+    heartbeat_path,
+    item_request,
+    parse_register,
+    parse_retry_after,
+    register_body,
+    transient_status,
+)
+
+__all__ = [
+    "Batch",
+    "DeliveryResult",
+    "RetryPolicy",
+    "Sender",
+    "SenderStats",
+    "StatusFn",
+    "TransientError",
+    "heartbeat_loop",
+    "register",
+    "user_agent",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``status_fn`` of :func:`heartbeat_loop`: ``(status, current_job, last_activity_ns)``, or
+#: just the status (then no current job, and the last activity is now).
+StatusFn = Callable[[], str | tuple[str, str | None, int]]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pfcollector")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+_VERSION = _version()
+
+
+def user_agent(bot_id: str | None) -> str:
+    """The ``User-Agent`` pfcollector sends: ``pfcollector/<version> (bot <bot_id>)``."""
+    return f"pfcollector/{_VERSION}" + (f" (bot {bot_id})" if bot_id else "")
+
+
+def _headers(bot_id: str | None, token: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "User-Agent": user_agent(bot_id)}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+class TransientError(Exception):
+    """A request failed in a way worth retrying: no answer, 5xx, 408 or 429.
+
+    The only exception tenacity retries. Raised out of :func:`register` once attempts are
+    exhausted; inside :class:`Sender` it becomes ``requeue``.
+
+    Attributes:
+        reason: Short text for logs and status.
+        retry_after: Seconds the master asked to wait, if it did.
+    """
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one request is retried.
+
+    Attributes:
+        attempts: Attempts in all (the first included).
+        base: The first full-jitter window in seconds; it doubles each retry.
+        cap: Largest window. A ``Retry-After`` beyond it is not slept through: the request
+            gives up at once and its ids are requeued with that hint.
+    """
+
+    attempts: int = 4
+    base: float = 0.5
+    cap: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.base < 0 or self.cap < self.base:
+            raise ValueError("need attempts >= 1 and 0 <= base <= cap")
+
+
+class _WaitJitterOrRetryAfter(wait_base):
+    """Full-jitter exponential wait, but never less than the master's ``Retry-After``."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._jitter = tenacity.wait_random_exponential(multiplier=policy.base, max=policy.cap)
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        wait = self._jitter(retry_state)
+        hint = _retry_after_of(retry_state)
+        return wait if hint is None else max(wait, hint)
+
+
+class _StopWhen(stop_base):
+    """Stop retrying when ``predicate`` says so (a hint beyond the cap, a delivery given up)."""
+
+    def __init__(self, predicate: Callable[[tenacity.RetryCallState], bool]) -> None:
+        self._predicate = predicate
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return self._predicate(retry_state)
+
+
+def _retry_after_of(retry_state: tenacity.RetryCallState) -> float | None:
+    outcome = retry_state.outcome
+    exc = outcome.exception() if outcome is not None and outcome.failed else None
+    return exc.retry_after if isinstance(exc, TransientError) else None
+
+
+def _retrying(
+    policy: RetryPolicy,
+    *,
+    give_up: Callable[[], bool] | None = None,
+    on_retry: Callable[[tenacity.RetryCallState], None] | None = None,
+) -> tenacity.AsyncRetrying:
+    """A fresh retry controller (they hold per-call state: one per request)."""
+    stop: stop_base = tenacity.stop_after_attempt(policy.attempts) | _StopWhen(
+        lambda rs: (_retry_after_of(rs) or 0.0) > policy.cap
+    )
+    if give_up is not None:
+        stop = stop | _StopWhen(lambda rs: give_up())
+    return tenacity.AsyncRetrying(
+        stop=stop,
+        wait=_WaitJitterOrRetryAfter(policy),
+        # Only our own, positively named error: never anything that could be trio.Cancelled.
+        retry=tenacity.retry_if_exception_type(TransientError),
+        sleep=trio.sleep,
+        before_sleep=on_retry,
+        reraise=True,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Events of one kind to deliver (normally of one job; mixed jobs are split by job)."""
+
+    kind: Kind
+    job_id: str
+    events: Sequence[Event]
+
+
+@dataclass
+class DeliveryResult:
+    """What became of each event of a :class:`Batch`.
+
+    Attributes:
+        delivered: Ids the master stored.
+        poisoned: ``(id, status, error)`` for events the master will never take; ``status``
+            is ``None`` when the event was refused here (it cannot be encoded).
+        requeue: Ids to send again later (the master is down, or failed to store them for a
+            passing reason).
+        reason: Why there is something to requeue.
+        retry_after: The master's ``Retry-After`` hint in seconds, if it gave one.
+    """
+
+    delivered: list[str] = field(default_factory=list)
+    poisoned: list[tuple[str, int | None, str]] = field(default_factory=list)
+    requeue: list[str] = field(default_factory=list)
+    reason: str | None = None
+    retry_after: float | None = None
+
+
+@dataclass
+class SenderStats:
+    """Counters of a :class:`Sender`; per-kind counts are keyed by the kind's value."""
+
+    requests: int = 0
+    retries: int = 0
+    delivered: Counter[str] = field(default_factory=Counter)
+    poisoned: Counter[str] = field(default_factory=Counter)
+    requeued: Counter[str] = field(default_factory=Counter)
+    last_success_wall: float | None = None
+    last_success_trio: float | None = None
+    last_error: str | None = None
+    last_error_wall: float | None = None
+    last_error_trio: float | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy."""
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "delivered": dict(self.delivered),
+            "poisoned": dict(self.poisoned),
+            "requeued": dict(self.requeued),
+            "last_success": {"wall": self.last_success_wall, "trio": self.last_success_trio},
+            "last_error": {
+                "text": self.last_error,
+                "wall": self.last_error_wall,
+                "trio": self.last_error_trio,
+            },
+        }
+
+
+@dataclass
+class _Run:
+    """One :meth:`Sender.deliver` call: its result, and whether it has given up."""
+
+    result: DeliveryResult
+    gave_up: bool = False
+
+    def give_up(self, outcome: Transient, ids: Sequence[str]) -> None:
+        self.gave_up = True
+        self.requeue(ids, outcome.reason, outcome.retry_after)
+
+    def requeue(self, ids: Sequence[str], reason: str | None, retry_after: float | None) -> None:
+        self.result.requeue.extend(ids)
+        if self.result.reason is None:
+            self.result.reason = reason
+        if retry_after is not None:
+            self.result.retry_after = max(self.result.retry_after or 0.0, retry_after)
+
+
+class Sender:
+    """Delivers batches to one master through one long-lived :class:`httpx.AsyncClient`.
+
+    Resource handling:
+        The client (with ``base_url`` and timeouts set) belongs to the caller, who closes it.
+        The breaker is shared by every request of this sender; give several senders of the
+        same master the same breaker.
+
+    Error handling:
+        :meth:`deliver` does not raise for anything the master or the network does: every
+        event ends delivered, poisoned or requeued. Cancellation propagates (a probe that
+        is cancelled hands the probe back to the breaker).
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        bot_id: str,
+        mode: Literal["batch", "item"] = "batch",
+        breaker: CircuitBreaker,
+        retry: RetryPolicy = RetryPolicy(),
+        token: str | None = None,
+        item_concurrency: int = 8,
+    ) -> None:
+        """Build a sender.
+
+        Args:
+            client: The HTTP client; its ``base_url`` is the master's.
+            bot_id: The bot id put in every result.
+            mode: ``"batch"`` uses the batch endpoint for crash, coverage and corpus;
+                ``"item"`` posts every event on its own.
+            breaker: The circuit breaker to gate requests with.
+            retry: The retry policy of each request.
+            token: A bearer token for a master behind an authenticating proxy.
+            item_concurrency: Requests in flight at most when posting events one by one.
+
+        Raises:
+            ValueError: An argument is out of range.
+        """
+        if not bot_id:
+            raise ValueError("bot_id must not be empty")
+        if mode not in ("batch", "item"):
+            raise ValueError(f"mode must be 'batch' or 'item', not {mode!r}")
+        if item_concurrency < 1:
+            raise ValueError("item_concurrency must be at least 1")
+        self.client = client
+        self.bot_id = bot_id
+        self.mode = mode
+        self.breaker = breaker
+        self.retry = retry
+        self.item_concurrency = item_concurrency
+        self.stats = SenderStats()
+        self._headers = _headers(bot_id, token)
+        self._breaker_changed = trio.Event()
+        self._failed_attempts = 0
+        if breaker.on_transition is None:
+            breaker.on_transition = self._log_transition
+
+    # -- public ----------------------------------------------------------------------------
+
+    async def deliver(self, batch: Batch) -> DeliveryResult:
+        """Send ``batch`` and say what became of each of its events.
+
+        Crash, coverage and corpus go in batch bodies (batch mode) or one by one (item mode,
+        oversize events); stats and lifecycle events always one by one to ``/results/status``.
+        Once one request has used up its attempts the master is taken as down for this call:
+        what is left is requeued without being tried.
+
+        Returns:
+            Every event id in exactly one of ``delivered``, ``poisoned`` and ``requeue``.
+
+        Raises:
+            ValueError: In batch mode, an event is not of ``batch.kind`` (a caller bug).
+        """
+        run = _Run(DeliveryResult())
+        events = list(batch.events)
+        if events:
+            if self.mode == "item" or batch.kind in STATUS_KINDS or batch.kind not in BATCH_KINDS:
+                await self._send_items(events, run)
+            else:
+                await self._send_batches(batch.kind, events, run)
+        result = run.result
+        kind = batch.kind.value
+        if result.poisoned:  # one line per delivery, however many items were refused
+            _, status, text = result.poisoned[0]
+            log.warning(
+                "master refused %d of %d %s event(s) (first: HTTP %s: %s)",
+                len(result.poisoned),
+                len(events),
+                kind,
+                status if status is not None else "-, not sent",
+                text,
+            )
+        self.stats.delivered[kind] += len(result.delivered)
+        self.stats.poisoned[kind] += len(result.poisoned)
+        self.stats.requeued[kind] += len(result.requeue)
+        return result
+
+    # -- the two shapes of delivery --------------------------------------------------------
+
+    async def _send_batches(self, kind: Kind, events: list[Event], run: _Run) -> None:
+        one_by_one: list[Event] = []
+        by_job = itertools.groupby(sorted(events, key=lambda e: e.job_id), key=lambda e: e.job_id)
+        for job_id, job_events in by_job:
+            for encoded in encode_batches(kind, job_id, self.bot_id, job_events):
+                if encoded.per_item:
+                    one_by_one.extend(encoded.events)
+                    continue
+                ids = [e.id for e in encoded.events]
+                if run.gave_up:
+                    run.requeue(ids, None, None)
+                    continue
+                outcome = await self._send(kind, BATCH_PATH, encoded.body, encoded.events, run)
+                if isinstance(outcome, Poison) and len(ids) > 1:
+                    # The strict batch endpoint refuses a whole batch for one bad item; the
+                    # per-item endpoints are lenient, and pin the refusal on the right item.
+                    log.warning(
+                        "master refused a batch of %d %s (HTTP %d: %s); sending them one by one",
+                        len(ids),
+                        kind.value,
+                        outcome.status,
+                        outcome.error_text,
+                    )
+                    one_by_one.extend(encoded.events)
+                    continue
+                self._apply(outcome, ids, run)
+        if one_by_one:
+            await self._send_items(one_by_one, run)
+
+    async def _send_items(self, events: list[Event], run: _Run) -> None:
+        pending = iter(events)
+
+        async def worker() -> None:
+            for event in pending:  # a shared iterator: each event goes to one worker
+                await self._send_item(event, run)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(self.item_concurrency, len(events))):
+                nursery.start_soon(worker)
+
+    async def _send_item(self, event: Event, run: _Run) -> None:
+        if run.gave_up:
+            run.requeue([event.id], None, None)
+            return
+        try:
+            path, body = item_request(event, self.bot_id)
+        except EncodeError as exc:
+            log.debug("event %s (%s) cannot be sent: %s", event.id, event.kind.value, exc)
+            run.result.poisoned.append((event.id, None, str(exc)))
+            return
+        outcome = await self._send(event.kind, path, body, [event], run)
+        self._apply(outcome, [event.id], run)
+
+    def _apply(self, outcome: Outcome, ids: list[str], run: _Run) -> None:
+        result = run.result
+        if isinstance(outcome, Delivered):
+            result.delivered.extend(ids)
+        elif isinstance(outcome, Partial):
+            result.delivered.extend(outcome.delivered)
+            result.poisoned.extend((i, 200, text) for i, text in outcome.failed.items())
+            if outcome.retryable:
+                first = next(iter(outcome.retryable.values()))
+                run.requeue(list(outcome.retryable), f"master failed to store: {first}", None)
+        elif isinstance(outcome, Poison):
+            result.poisoned.extend((i, outcome.status, outcome.error_text) for i in ids)
+        else:
+            run.give_up(outcome, ids)
+
+    # -- one request -----------------------------------------------------------------------
+
+    async def _send(
+        self, kind: Kind, path: str, body: bytes, events: Sequence[Event], run: _Run
+    ) -> Outcome:
+        """POST ``body`` with retries; a :class:`Transient` only once attempts are used up."""
+        retrying = _retrying(self.retry, give_up=lambda: run.gave_up, on_retry=self._on_retry)
+        outcome: Outcome | None = None
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    outcome = await self._attempt(kind, path, body, events, run)
+        except TransientError as exc:
+            return Transient(exc.reason, exc.retry_after)
+        assert outcome is not None  # tenacity ends the loop only after a successful attempt
+        return outcome
+
+    async def _attempt(
+        self, kind: Kind, path: str, body: bytes, events: Sequence[Event], run: _Run
+    ) -> Outcome:
+        await self._gate(run)
+        probe = self.breaker.state(trio.current_time()) is BreakerState.HALF_OPEN
+        settled = False
+        self.stats.requests += 1
+        try:
+            try:
+                response = await self.client.post(path, content=body, headers=self._headers)
+            except httpx.RequestError as exc:  # transport errors, and redirects/decoding
+                settled = True
+                reason = _describe(exc)
+                self._record_failure(reason)
+                raise TransientError(reason) from exc
+            outcome = classify(
+                response.status_code,
+                response.headers,
+                response.content,
+                kind,
+                events,
+                wall_now=time.time(),
+            )
+            settled = True
+            if isinstance(outcome, Transient):
+                self._record_failure(outcome.reason)
+                raise TransientError(outcome.reason, outcome.retry_after)
+            self._record_success()
+            return outcome
+        finally:
+            if probe and not settled:
+                self.breaker.abandon_probe(trio.current_time())
+                self._notify()
+
+    async def _gate(self, run: _Run) -> None:
+        """Wait until the breaker lets this request through (or the delivery gave up)."""
+        while True:
+            if run.gave_up:
+                raise TransientError(run.result.reason or "delivery given up")
+            if self.breaker.allow(trio.current_time()):
+                return
+            retry_at = self.breaker.retry_at()
+            changed = self._breaker_changed
+            with trio.move_on_at(math.inf if retry_at is None else retry_at):
+                await changed.wait()
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        """Wake everyone waiting at the gate to look at the breaker again."""
+        self._breaker_changed.set()
+        self._breaker_changed = trio.Event()
+
+    def _record_failure(self, reason: str) -> None:
+        now = trio.current_time()
+        self.stats.last_error = reason
+        self.stats.last_error_wall = time.time()
+        self.stats.last_error_trio = now
+        self._failed_attempts += 1
+        if self._failed_attempts == 1:
+            log.warning("master request failed: %s (retrying; repeats logged at DEBUG)", reason)
+        else:
+            log.debug("master request failed (%d in a row): %s", self._failed_attempts, reason)
+        self.breaker.record_failure(now)
+        self._notify()
+
+    def _record_success(self) -> None:
+        now = trio.current_time()
+        self.stats.last_success_wall = time.time()
+        self.stats.last_success_trio = now
+        if self._failed_attempts:
+            log.info("master answering again after %d failed attempts", self._failed_attempts)
+            self._failed_attempts = 0
+        self.breaker.record_success(now)
+        self._notify()
+
+    def _on_retry(self, retry_state: tenacity.RetryCallState) -> None:
+        self.stats.retries += 1
+
+    def _log_transition(self, old: BreakerState, new: BreakerState) -> None:
+        if new is BreakerState.OPEN:
+            timeout = self.breaker.snapshot(trio.current_time())["current_timeout"]
+            level = logging.WARNING if old is BreakerState.CLOSED else logging.INFO
+            log.log(level, "circuit breaker open: next probe in %.1f s", timeout)
+        elif new is BreakerState.CLOSED:
+            log.info("circuit breaker closed: the master answers")
+        else:
+            log.debug("circuit breaker half-open: probing the master")
+
+
+# -- bot endpoints -------------------------------------------------------------------------
+
+
+async def register(
+    client: httpx.AsyncClient,
+    *,
+    hostname: str,
+    name: str,
+    capabilities: Sequence[str],
+    api_endpoint: str,
+    token: str | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+) -> str:
+    """Register with the master and return the ``bot_id`` it made.
+
+    Error handling:
+        No answer, 5xx, 408 and 429 are retried per ``retry``; then :class:`TransientError`.
+        A refusal, or an answer without a ``bot_id``, raises
+        :class:`pfcollector.master.RegisterError` at once. A bad argument is ``ValueError``.
+    """
+    body = register_body(hostname, name, capabilities, api_endpoint)
+    headers = _headers(None, token)
+    async for attempt in _retrying(retry):
+        with attempt:
+            try:
+                response = await client.post(REGISTER_PATH, content=body, headers=headers)
+            except httpx.RequestError as exc:
+                raise TransientError(_describe(exc)) from exc
+            status = response.status_code
+            if transient_status(status):
+                hint = parse_retry_after(
+                    response.headers.get("Retry-After"),
+                    response.headers.get("Date"),
+                    wall_now=time.time(),
+                )
+                raise TransientError(f"HTTP {status}", hint)
+            bot_id = parse_register(status, response.content)
+            log.info("registered with the master as bot %s", bot_id)
+            return bot_id
+    raise AssertionError("unreachable: tenacity either returns or raises")
+
+
+async def heartbeat_loop(
+    client: httpx.AsyncClient,
+    bot_id: str,
+    *,
+    interval: float,
+    status_fn: StatusFn,
+    token: str | None = None,
+) -> NoReturn:
+    """Post a heartbeat every ``interval`` seconds (trio time), forever.
+
+    Args:
+        client: The HTTP client of the master.
+        bot_id: The bot whose heartbeat this is.
+        interval: Seconds between heartbeats.
+        status_fn: Called before each heartbeat for ``(status, current_job,
+            last_activity_ns)``, or only the status (see :data:`StatusFn`).
+        token: A bearer token for a master behind an authenticating proxy.
+
+    Error handling:
+        Nothing stops the loop but cancellation. A failed heartbeat is not retried (the next
+        one is the retry); the first failure is a WARNING, repeats are DEBUG, recovery INFO.
+    """
+    if interval <= 0:
+        raise ValueError("interval must be positive")
+    path = heartbeat_path(bot_id)
+    headers = _headers(bot_id, token)
+    failures = 0
+    next_at = trio.current_time()
+    while True:
+        problem: str | None = None
+        try:
+            state = status_fn()
+            if isinstance(state, str):
+                state = (state, None, time.time_ns())
+            body = heartbeat_body(*state)
+            response = await client.post(path, content=body, headers=headers)
+            if not 200 <= response.status_code < 300:
+                problem = f"HTTP {response.status_code}"
+                if response.status_code == 404:
+                    problem += " (the master does not know this bot: was it reset?)"
+        except httpx.RequestError as exc:
+            problem = _describe(exc)
+        except Exception as exc:  # a bug in status_fn must not end the heartbeats
+            problem = f"cannot build the heartbeat: {_describe(exc)}"
+        if problem is not None:
+            failures += 1
+            level = logging.WARNING if failures == 1 else logging.DEBUG
+            log.log(level, "heartbeat failed (%d in a row): %s", failures, problem)
+        elif failures:
+            log.info("heartbeat accepted again after %d failures", failures)
+            failures = 0
+        next_at = max(next_at + interval, trio.current_time())  # no burst to catch up
+        await trio.sleep_until(next_at)
