@@ -52,8 +52,16 @@ async def local_daemon(
 
 def make_event(kind: Kind = Kind.COVERAGE, job_id: str = "job-1", **fields: Any) -> Event:
     defaults: dict[Kind, dict[str, Any]] = {
-        Kind.CRASH: {"type": "SEGV", "signal": 11, "exit_code": 0, "output": "",
-                     "stack_trace": "", "hash": "ab" * 32, "size": 3, "file_path": "/x"},
+        Kind.CRASH: {
+            "type": "SEGV",
+            "signal": 11,
+            "exit_code": 0,
+            "output": "",
+            "stack_trace": "",
+            "hash": "ab" * 32,
+            "size": 3,
+            "file_path": "/x",
+        },
         Kind.COVERAGE: {"edges": 10, "new_edges": 1, "exec_count": 100},
         Kind.CORPUS: {"files": ["a"], "total_size": 1},
         Kind.STATS: {"executions": 5},

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 
 from pfcollector.config import Config
 from pfcollector.daemon import Daemon
@@ -66,8 +67,10 @@ async def test_bad_field_is_named_and_connection_survives(local_daemon: Daemon) 
     assert len(errors) == 1
     assert errors[0].seq == 2 and errors[0].field == "edges" and not errors[0].fatal
     assert "edges" in errors[0].message
-    assert [r.event.id for r in local_daemon.spool.read_after(0, 10)] == ["ev-1-coverage",
-                                                                           "ev-3-coverage"]
+    assert [r.event.id for r in local_daemon.spool.read_after(0, 10)] == [
+        "ev-1-coverage",
+        "ev-3-coverage",
+    ]
     status = await local_daemon.status()
     assert status["events"]["coverage"]["rejected"] == 1
     await client.aclose()
@@ -171,6 +174,7 @@ async def test_shutdown_with_events_in_flight(
         await client.hello()
         seq = 0
         async with trio.open_nursery() as inner:
+
             async def reader() -> None:
                 try:
                     while (msg := await client.recv()) is not None:
@@ -178,13 +182,14 @@ async def test_shutdown_with_events_in_flight(
                             acked[n] = msg.seq
                 except trio.BrokenResourceError:
                     pass  # the daemon closed while we still had bytes in flight
+
             inner.start_soon(reader)
             try:
                 while True:
                     seq += 1
                     ev = event(seq, Kind.CRASH if seq % 3 == 0 else Kind.COVERAGE)
                     await client.send(type(ev)(seq, ev.kind, ev.fields, f"p{n}-{seq}", None, None))
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         await client.aclose()

@@ -81,8 +81,11 @@ def test_full_spool_drops_oldest_stats_but_refuses_crashes(tmp_path: Path) -> No
     assert spool.total_bytes <= spool.max_bytes
     status = spool.status()
     assert status["stats"]["dropped"] > 0
-    kept = [r.event.fields["executions"] for r in spool.read_after(0, 1000)
-            if r.event.kind is Kind.STATS]
+    kept = [
+        r.event.fields["executions"]
+        for r in spool.read_after(0, 1000)
+        if r.event.kind is Kind.STATS
+    ]
     assert kept == sorted(kept) and kept[-1] == 99  # the newest survive
     more = [make_event(Kind.CRASH, output=big) for _ in range(10)]
     refused = spool.append(more)

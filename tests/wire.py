@@ -9,6 +9,7 @@ from typing import Any
 import msgpack
 import trio
 
+from pfcollector.events import Kind
 from pfcollector.protocol import (
     ClientMessage,
     EventMsg,
@@ -17,7 +18,6 @@ from pfcollector.protocol import (
     encode,
     parse_server_message,
 )
-from pfcollector.events import Kind
 
 
 class RawClient:
@@ -60,8 +60,14 @@ class RawClient:
 def event(seq: int, kind: Kind = Kind.COVERAGE, **fields: Any) -> EventMsg:
     defaults: dict[Kind, dict[str, Any]] = {
         Kind.COVERAGE: {"edges": seq, "new_edges": 1, "exec_count": 10},
-        Kind.CRASH: {"type": "SEGV", "signal": 11, "exit_code": 0, "output": "",
-                     "stack_trace": "", "input": b"crash-%d" % seq},
+        Kind.CRASH: {
+            "type": "SEGV",
+            "signal": 11,
+            "exit_code": 0,
+            "output": "",
+            "stack_trace": "",
+            "input": b"crash-%d" % seq,
+        },
         Kind.STATS: {"executions": seq},
         Kind.CORPUS: {"files": [f"id:{seq}"], "total_size": seq},
     }

@@ -92,14 +92,20 @@ class Config:
         if self.master_url is not None:
             parts = urlsplit(self.master_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ConfigError("master_url", f"must be an http:// or https:// URL, got {self.master_url!r}")
+                raise ConfigError(
+                    "master_url", f"must be an http:// or https:// URL, got {self.master_url!r}"
+                )
             object.__setattr__(self, "master_url", self.master_url.rstrip("/"))
             if not self.bot_id and not self.register:
-                raise ConfigError("bot_id", "a master needs --bot-id, or --register to get one from it")
+                raise ConfigError(
+                    "bot_id", "a master needs --bot-id, or --register to get one from it"
+                )
         if self.bot_id is not None and not self.bot_id.strip():
             raise ConfigError("bot_id", "must not be empty")
         if self.delivery_mode not in ("batch", "item"):
-            raise ConfigError("delivery_mode", f"must be 'batch' or 'item', got {self.delivery_mode!r}")
+            raise ConfigError(
+                "delivery_mode", f"must be 'batch' or 'item', got {self.delivery_mode!r}"
+            )
         _at_least("batch_size", self.batch_size, 1, 10_000)
         _at_least("batch_bytes", self.batch_bytes, 1024, 1024 * 1024 - 4096)
         _at_least("flush_interval", self.flush_interval, MIN_FLUSH_INTERVAL, 3600.0)
@@ -117,7 +123,9 @@ class Config:
         _at_least("heartbeat_interval", self.heartbeat_interval, 1.0, 3600.0)
         _at_least("senders", self.senders, 1, 64)
         if not 0 <= self.socket_mode <= 0o777:
-            raise ConfigError("socket_mode", f"must be a permission mode like 0o660, got {self.socket_mode:o}")
+            raise ConfigError(
+                "socket_mode", f"must be a permission mode like 0o660, got {self.socket_mode:o}"
+            )
 
     @property
     def local_mode(self) -> bool:

@@ -50,9 +50,7 @@ class Kind(enum.StrEnum):
 #: Kinds that the master's batch endpoint takes (``crashes``, ``coverage``, ``corpus`` lists).
 BATCH_KINDS: frozenset[Kind] = frozenset({Kind.CRASH, Kind.COVERAGE, Kind.CORPUS})
 #: Lifecycle kinds: sent, like stats, to ``/api/v1/results/status`` (logged by the master).
-LIFECYCLE_KINDS: frozenset[Kind] = frozenset(
-    {Kind.STARTED, Kind.STOPPED, Kind.ERROR, Kind.TIMEOUT}
-)
+LIFECYCLE_KINDS: frozenset[Kind] = frozenset({Kind.STARTED, Kind.STOPPED, Kind.ERROR, Kind.TIMEOUT})
 #: Kinds delivered through ``/api/v1/results/status``.
 STATUS_KINDS: frozenset[Kind] = frozenset({Kind.STATS}) | LIFECYCLE_KINDS
 #: Kinds that are never dropped to make room: refused with an error instead when the spool is full.

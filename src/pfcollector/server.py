@@ -132,7 +132,7 @@ def bind_unix(path: Path, mode: int) -> trio.socket.SocketType:
     sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)  # the file is born with `mode`, never wider
     try:
-        sock._sock.bind(str(path))  # a path bind does not block; trio's bind is async-only
+        sock._sock.bind(str(path))  # type: ignore[attr-defined]  # a path bind never blocks
     except BaseException:
         sock.close()
         raise
@@ -170,7 +170,9 @@ class Server:
         self._stopping = False
         self._inode: int | None = None
 
-    async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Listen until :meth:`stop`; return once every connection is closed.
 
         The ingest channel is closed on return, so the group commit knows nothing more comes.
@@ -178,14 +180,13 @@ class Server:
         sock = bind_unix(self.socket_path, self.socket_mode)
         self._inode = os.stat(self.socket_path).st_ino
         listener = trio.SocketListener(sock)
-        async with self._ingest, listener:
-            async with trio.open_nursery() as handlers:
-                task_status.started(self)
-                with self._accepting:
-                    while True:
-                        stream = await listener.accept()
-                        handlers.start_soon(self._handle, stream)
-                self._remove_socket_file()
+        async with self._ingest, listener, trio.open_nursery() as handlers:
+            task_status.started(self)
+            with self._accepting:
+                while True:
+                    stream = await listener.accept()
+                    handlers.start_soon(self._handle, stream)
+            self._remove_socket_file()
         log.info("server stopped")
 
     def stop(self) -> None:
@@ -215,8 +216,13 @@ class Server:
             if len(self.connections) >= self.max_connections:
                 self.stats.errors["too_many_connections"] += 1
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await send(ErrorMsg("too_many_connections", "the daemon has "
-                                        f"{self.max_connections} connections, its limit", fatal=True))
+                    await send(
+                        ErrorMsg(
+                            "too_many_connections",
+                            f"the daemon has {self.max_connections} connections, its limit",
+                            fatal=True,
+                        )
+                    )
                 return
             self.connections[info.id] = info
             tracker = AckTracker()
@@ -241,7 +247,9 @@ class Server:
             finally:
                 del self.connections[info.id]
 
-    async def _acker(self, tracker: AckTracker, send: Callable[[ServerMessage], Awaitable[None]]) -> None:
+    async def _acker(
+        self, tracker: AckTracker, send: Callable[[ServerMessage], Awaitable[None]]
+    ) -> None:
         while True:
             await tracker.wait_changed()
             errors, tracker.errors = tracker.errors, []

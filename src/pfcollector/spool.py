@@ -124,7 +124,9 @@ class Spool:
 
     # -- writing -------------------------------------------------------------------------
 
-    def append(self, events: Sequence[Event], sizes: Sequence[int] | None = None) -> list[str | None]:
+    def append(
+        self, events: Sequence[Event], sizes: Sequence[int] | None = None
+    ) -> list[str | None]:
         """Store a group of events in one durable transaction.
 
         Returns, per event, ``None`` when it is stored (or was already: an id seen before is a
@@ -153,8 +155,18 @@ class Spool:
                     cur = db.execute(
                         f"INSERT OR IGNORE INTO events ({_COLUMNS}) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                        (ev.id, ev.kind.value, ev.job_id, ev.fuzzer, ev.timestamp_ns, now,
-                         ev.peer_pid, ev.peer_uid, body, size),
+                        (
+                            ev.id,
+                            ev.kind.value,
+                            ev.job_id,
+                            ev.fuzzer,
+                            ev.timestamp_ns,
+                            now,
+                            ev.peer_pid,
+                            ev.peer_uid,
+                            body,
+                            size,
+                        ),
                     )
                     if cur.rowcount == 1:
                         self._count[ev.kind] += 1
@@ -236,7 +248,8 @@ class Spool:
                 if failures is not None:
                     now = time.time_ns()
                     db.executemany(
-                        f"INSERT OR REPLACE INTO dead_letters ({_COLUMNS}, status, error, failed_ns) "
+                        "INSERT OR REPLACE INTO dead_letters "
+                        f"({_COLUMNS}, status, error, failed_ns) "
                         f"SELECT {_COLUMNS}, ?, ?, ? FROM events WHERE id = ?",
                         [(status, error, now, id_) for id_, status, error in failures],
                     )
@@ -302,7 +315,7 @@ class Spool:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                where, args = "", ()
+                where, args = "", tuple[str, ...]()
                 if ids is not None:
                     where = f" WHERE id IN ({','.join('?' * len(ids))})"
                     args = tuple(ids)

@@ -1,0 +1,303 @@
+"""The composition root: every long-lived task of the daemon, in one place.
+
+Read :meth:`Daemon.run` as the diagram::
+
+    socket ─▶ server ─▶ ingest channel ─▶ group commit ─▶ spool ─▶ pipeline ─▶ senders ─▶ master
+
+Two nurseries: ``delivery`` (pipeline, delivery workers, heartbeats) outlives ``ingest``
+(listener and connections, group commit, signals), so that on shutdown the daemon first
+stops taking events in, settles everything it accepted, and only then drains deliveries under
+a shielded deadline. Whatever is not delivered by then stays in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import trio
+
+from . import __version__
+from .breaker import CircuitBreaker
+from .config import Config
+from .events import Kind
+from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, Pending
+from .inputs import InputStore
+from .master import RegisterError
+from .pipeline import BATCH_QUEUE_SIZE, BatchPolicy, Pipeline
+from .sender import Batch, RetryPolicy, Sender, TransientError, heartbeat_loop, register
+from .server import ConnectionInfo, Server
+from .spool import Spool
+
+__all__ = ["CONTROL_OPS", "Daemon", "run_daemon"]
+
+log = logging.getLogger(__name__)
+
+#: Control operations the daemon answers on its socket.
+CONTROL_OPS = ("status", "dead_letters", "dead_letters_retry", "flush", "tune")
+_REGISTER_RETRY_CAP = 60.0
+
+
+class Daemon:
+    """One running pfcollector. :meth:`run` is the whole of its life."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.spool = Spool(config.spool_path, max_bytes=config.spool_max_bytes)
+        self.inputs = InputStore(config.inputs_dir)
+        self.inputs.clean()
+        self.ingest_send, self.ingest_recv = trio.open_memory_channel[Pending](INGEST_QUEUE_SIZE)
+        self.committer = GroupCommitter(self.spool, self.inputs)
+        self.server = Server(
+            config.socket_path,
+            self.ingest_send,
+            self.control,
+            socket_mode=config.socket_mode,
+            max_frame=config.max_frame,
+            max_connections=config.max_connections,
+        )
+        self.policy = BatchPolicy(config.batch_size, config.batch_bytes, config.flush_interval)
+        self.pipeline = Pipeline(
+            self.spool, self.policy, retry_base=config.retry_base, retry_cap=config.retry_cap
+        )
+        self.sender: Sender | None = None
+        self.bot_id = config.bot_id
+        self.draining = False
+
+    async def run(
+        self,
+        *,
+        handle_signals: bool = True,
+        task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until :meth:`stop` (or SIGTERM/SIGINT), drain, and return."""
+        config = self.config
+        try:
+            async with self._master_client() as http, trio.open_nursery() as delivery:
+                if http is not None:
+                    delivery.start_soon(self._deliver, http, delivery)  # spool -> master
+                async with trio.open_nursery() as ingest:
+                    ingest.start_soon(self.committer.run, self.ingest_recv)  # channel -> spool
+                    await ingest.start(self.server.serve)  # socket -> channel
+                    if handle_signals:
+                        ingest.start_soon(self._stop_on_signal)
+                    log.info(
+                        "pfcollector %s listening on %s (%s mode, spool %s)",
+                        __version__,
+                        config.socket_path,
+                        "local" if config.local_mode else f"master {config.master_url}",
+                        config.spool_path,
+                    )
+                    task_status.started(self)
+                # Ingest is over: every accepted event is settled in the spool.
+                if http is not None:
+                    await self._drain()
+                delivery.cancel_scope.cancel()
+        finally:
+            self.spool.close()
+        log.info("stopped; %d event(s) remain in the spool", self.spool.total_count)
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown: stop accepting; :meth:`run` drains and returns."""
+        self.server.stop()
+
+    async def _stop_on_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info(
+                    "%s: stopping, draining for up to %.1fs",
+                    signal.Signals(signum).name,
+                    self.config.drain_deadline,
+                )
+                self.stop()
+                return
+
+    async def _drain(self) -> None:
+        self.draining = True
+        self.pipeline.flush_now()
+        with trio.move_on_after(self.config.drain_deadline, shield=True) as scope:
+            await self.pipeline.wait_idle()
+        if scope.cancelled_caught:
+            log.warning("drain deadline passed; undelivered events stay in the spool")
+
+    @asynccontextmanager
+    async def _master_client(self) -> AsyncIterator[httpx.AsyncClient | None]:
+        if self.config.master_url is None:
+            yield None
+            return
+        timeout = httpx.Timeout(self.config.http_timeout)
+        limits = httpx.Limits(max_connections=self.config.senders * 8 + 4)
+        async with httpx.AsyncClient(
+            base_url=self.config.master_url, timeout=timeout, limits=limits
+        ) as client:
+            yield client
+
+    async def _deliver(self, http: httpx.AsyncClient, delivery: trio.Nursery) -> None:
+        """Start the delivery side: (register,) pipeline, workers, heartbeats."""
+        config = self.config
+        if self.bot_id is None:
+            self.bot_id = await self._register(http)
+        breaker = CircuitBreaker(
+            failure_threshold=config.breaker_threshold,
+            reset_timeout=config.breaker_reset,
+            max_reset_timeout=config.breaker_max_reset,
+        )
+        breaker.on_transition = lambda old, new: log.warning(
+            "circuit breaker for %s: %s -> %s", config.master_url, old, new
+        )
+        self.sender = Sender(
+            http,
+            bot_id=self.bot_id,
+            mode=config.delivery_mode,
+            breaker=breaker,
+            retry=RetryPolicy(config.retry_attempts, config.retry_base, config.retry_cap),
+            token=config.token,
+        )
+        self.committer.on_commit(self.pipeline.notify)
+        batch_send, batch_recv = trio.open_memory_channel[Batch](BATCH_QUEUE_SIZE)
+        async with batch_recv:
+            delivery.start_soon(self.pipeline.run, batch_send)  # spool -> batches
+            for _ in range(config.senders):
+                delivery.start_soon(self.pipeline.deliver, batch_recv.clone(), self.sender.deliver)
+        if config.register:
+            delivery.start_soon(self._heartbeats, http)
+
+    async def _register(self, http: httpx.AsyncClient) -> str:
+        stored = await trio.to_thread.run_sync(self.spool.get_meta, "bot_id")
+        if stored:
+            log.info("using bot id %s registered earlier", stored)
+            return stored
+        delay = 1.0
+        while True:
+            try:
+                bot_id = await register(
+                    http,
+                    hostname=socket.gethostname(),
+                    name=f"pfcollector-{socket.gethostname()}",
+                    capabilities=["pfcollector", "afl", "libfuzzer"],
+                    api_endpoint=f"http://{socket.gethostname()}",
+                )
+            except (httpx.HTTPError, TransientError, RegisterError, ValueError) as exc:
+                log.warning(
+                    "registering with %s failed (%s); retrying in %.0fs",
+                    self.config.master_url,
+                    exc,
+                    delay,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, _REGISTER_RETRY_CAP)
+                continue
+            await trio.to_thread.run_sync(self.spool.set_meta, "bot_id", bot_id)
+            log.info("registered with %s as bot %s", self.config.master_url, bot_id)
+            return bot_id
+
+    async def _heartbeats(self, http: httpx.AsyncClient) -> None:
+        assert self.bot_id is not None
+        await heartbeat_loop(
+            http,
+            self.bot_id,
+            interval=self.config.heartbeat_interval,
+            status_fn=lambda: "busy" if self.server.connections else "idle",
+        )
+
+    # -- control -------------------------------------------------------------------------
+
+    async def control(self, op: str, args: dict[str, Any], peer: ConnectionInfo) -> Any:
+        """Answer a control request from the socket (``pfcollector status`` and friends)."""
+        if op == "status":
+            return await self.status()
+        if op == "dead_letters":
+            limit = int(args.get("limit", 100))
+            return await trio.to_thread.run_sync(self.spool.dead_letters, limit)
+        if op == "dead_letters_retry":
+            ids = args.get("ids")
+            count = await trio.to_thread.run_sync(self.spool.retry_dead_letters, ids)
+            log.info("pid %d put %d dead letter(s) back in line", peer.pid, count)
+            self.pipeline.notify()
+            return {"requeued": count}
+        if op == "flush":
+            self.pipeline.flush_now()
+            return {"flushing": True}
+        if op == "tune":
+            return self.tune(args)
+        raise LookupError(f"unknown control op {op!r}; known: {', '.join(CONTROL_OPS)}")
+
+    def tune(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Change the batch size and flush interval at run time (validated like the config)."""
+        changes = {k: args[k] for k in ("batch_size", "flush_interval") if k in args}
+        if not changes:
+            raise ValueError("tune takes batch_size and/or flush_interval")
+        candidate = dataclasses.replace(self.config, **changes)  # validates, or ConfigError
+        self.config = candidate
+        self.policy.batch_size = candidate.batch_size
+        self.policy.flush_interval = candidate.flush_interval
+        self.pipeline.notify()
+        log.info("tuned: %s", changes)
+        return {"batch_size": self.policy.batch_size, "flush_interval": self.policy.flush_interval}
+
+    async def status(self) -> dict[str, Any]:
+        """Everything ``pfcollector status`` shows, as stable JSON."""
+        server, stats = self.server, self.server.stats
+        spool_status = await trio.to_thread.run_sync(self.spool.status)
+        queue = self.ingest_send.statistics()
+        out: dict[str, Any] = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "mode": "local" if self.config.local_mode else "master",
+            "draining": self.draining,
+            "connections": {
+                "current": len(server.connections),
+                "total": stats.connections_total,
+                "max": server.max_connections,
+                "live": [c.public() for c in server.connections.values()],
+            },
+            "events": {
+                kind.value: {
+                    "received": stats.received[kind.value],
+                    "accepted": stats.accepted[kind.value],
+                    "rejected": stats.rejected[kind.value],
+                }
+                for kind in Kind
+            },
+            "errors": dict(stats.errors),
+            "queue": {"depth": queue.current_buffer_used, "capacity": INGEST_QUEUE_SIZE},
+            "spool": {
+                "path": str(self.config.spool_path),
+                "events": self.spool.total_count,
+                "bytes": self.spool.total_bytes,
+                "max_bytes": self.spool.max_bytes,
+                "kinds": spool_status,
+            },
+            "delivery": None,
+            "config": self.config.public(),
+        }
+        if self.sender is not None:
+            out["delivery"] = {
+                "bot_id": self.bot_id,
+                "mode": self.config.delivery_mode,
+                "breaker": self.sender.breaker.snapshot(trio.current_time()),
+                "sender": self.sender.stats.snapshot(),
+                "pipeline": self.pipeline.status(),
+            }
+        return out
+
+
+async def run_daemon(
+    config: Config,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a daemon for ``config`` until stopped. For ``nursery.start``."""
+    daemon = Daemon(config)
+    await daemon.run(handle_signals=handle_signals, task_status=task_status)

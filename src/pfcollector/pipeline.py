@@ -1,0 +1,242 @@
+"""From the spool to the senders: batches per kind and job, flush triggers, settling.
+
+The pipeline reads undelivered events from the spool in order (a cursor over ``seq``), holds
+at most :data:`MAX_HELD` of them in memory, and groups them per ``(kind, job_id)``: the master's
+batch endpoint takes one job per request. A group becomes a batch when it reaches the batch
+size or byte budget, or when its oldest event has waited the flush interval. Delivery workers
+take batches from a bounded channel, send them, and settle the outcome back into the spool:
+delivered events are forgotten, poisoned ones become dead letters, the rest are re-queued after
+a delay. Nothing waits behind a poisoned batch, and nothing leaves the spool before the master
+has it, so a crash at any moment loses nothing: on restart the cursor starts again at zero.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .events import Kind
+from .sender import Batch, DeliveryResult
+from .spool import Spool, Spooled
+
+__all__ = ["BATCH_QUEUE_SIZE", "MAX_HELD", "READ_CHUNK", "BatchPolicy", "Pipeline"]
+
+log = logging.getLogger(__name__)
+
+#: Events read from the spool and not yet settled, at most. The rest wait on disk.
+MAX_HELD = 20_000
+#: Ready batches waiting for a delivery worker.
+BATCH_QUEUE_SIZE = 8
+#: Events read from the spool per query.
+READ_CHUNK = 2_000
+
+
+@dataclass
+class BatchPolicy:
+    """When a group of events becomes a batch. Plain data, changeable at run time."""
+
+    batch_size: int = 100
+    batch_bytes: int = 512 * 1024
+    flush_interval: float = 10.0
+
+    def due(self, count: int, nbytes: int, since: float, now: float) -> bool:
+        """Is a group of ``count`` events (``nbytes``, oldest added at ``since``) due at ``now``?"""
+        return (
+            count >= self.batch_size
+            or nbytes >= self.batch_bytes
+            or (count > 0 and now >= since + self.flush_interval)  # same sum as the deadline
+        )
+
+
+@dataclass
+class _Group:
+    items: list[Spooled] = field(default_factory=list)
+    nbytes: int = 0
+    since: float = 0.0
+
+
+class Pipeline:
+    """Turns the spool into batches and settles what the senders report."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        policy: BatchPolicy,
+        *,
+        retry_base: float = 0.5,
+        retry_cap: float = 30.0,
+        max_held: int = MAX_HELD,
+        offload: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
+    ) -> None:
+        self.spool = spool
+        self.policy = policy
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self.max_held = max_held
+        # How blocking spool calls run: a worker thread in the daemon; tests under the
+        # autojump clock run them inline so virtual time cannot jump during a query.
+        self._offload = offload
+        self.cursor = 0
+        self.batches_sent = 0
+        self._groups: dict[tuple[Kind, str], _Group] = {}
+        self._held: dict[str, Spooled] = {}
+        self._retry: list[tuple[float, int, Spooled]] = []
+        self._tiebreak = itertools.count()
+        self._wake = trio.Event()
+        self._more = True
+        self._flush_all = False
+        self._idle = trio.Event()
+
+    def notify(self) -> None:
+        """New events are in the spool (called after each group commit)."""
+        self._more = True
+        self._wake.set()
+
+    def flush_now(self) -> None:
+        """Make every group due at once (drain, or an operator's ``flush``)."""
+        self._flush_all = True
+        self._wake.set()
+
+    async def run(self, batches: trio.MemorySendChannel[Batch]) -> None:
+        """Read, group and emit batches until cancelled."""
+        async with batches:
+            while True:
+                await self._read_more()
+                self._release_due_retries(trio.current_time())
+                await self._emit(batches, trio.current_time())
+                if self._more and len(self._held) < self.max_held:
+                    continue
+                if not self._held and not self._more:
+                    self._idle.set()
+                with trio.move_on_at(self._next_deadline()):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def deliver(
+        self,
+        batches: trio.MemoryReceiveChannel[Batch],
+        send: Callable[[Batch], Any],
+    ) -> None:
+        """A delivery worker: send each batch, then settle its outcome in the spool."""
+        async with batches:
+            async for batch in batches:
+                result: DeliveryResult = await send(batch)
+                await self.settle(batch, result)
+
+    async def settle(self, batch: Batch, result: DeliveryResult) -> None:
+        """Apply one delivery outcome: forget, dead-letter, or re-queue each event."""
+        if result.delivered:
+            await self._offload(self.spool.delivered, result.delivered)
+        if result.poisoned:
+            await self._offload(self.spool.dead_letter, result.poisoned)
+            log.warning(
+                "master refused %d %s event(s) of job %s as poison (%s): kept as dead letters",
+                len(result.poisoned),
+                batch.kind,
+                batch.job_id,
+                result.poisoned[0][2][:200],
+            )
+        for id_ in (*result.delivered, *(p[0] for p in result.poisoned)):
+            self._held.pop(id_, None)
+        if result.requeue:
+            await self._offload(self.spool.note_retry, result.requeue)
+            now = trio.current_time()
+            for id_ in result.requeue:
+                item = self._held.get(id_)
+                if item is None:
+                    continue
+                attempts = item.attempts + 1
+                self._held[id_] = item = Spooled(item.seq, item.event, item.size, attempts)
+                delay = min(self.retry_cap, self.retry_base * 2 ** min(attempts, 16))
+                if result.retry_after is not None:
+                    delay = max(delay, result.retry_after)
+                heapq.heappush(self._retry, (now + delay, next(self._tiebreak), item))
+        self._wake.set()
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is held and the spool has nothing more to read."""
+        while self._held or self._more:
+            self._idle = trio.Event()
+            self._wake.set()
+            await self._idle.wait()
+
+    def status(self) -> dict[str, Any]:
+        """For ``status``: what is in memory and where."""
+        return {
+            "held": len(self._held),
+            "held_capacity": self.max_held,
+            "groups": len(self._groups),
+            "waiting_retry": len(self._retry),
+            "batches_sent": self.batches_sent,
+            "cursor": self.cursor,
+            "policy": {
+                "batch_size": self.policy.batch_size,
+                "batch_bytes": self.policy.batch_bytes,
+                "flush_interval": self.policy.flush_interval,
+            },
+        }
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _read_more(self) -> None:
+        room = self.max_held - len(self._held)
+        if not self._more or room <= 0:
+            return
+        limit = min(room, READ_CHUNK)
+        rows = await self._offload(self.spool.read_after, self.cursor, limit)
+        now = trio.current_time()
+        for item in rows:
+            self.cursor = item.seq
+            self._held[item.event.id] = item
+            self._add(item, now)
+        self._more = len(rows) == limit
+
+    def _add(self, item: Spooled, now: float) -> None:
+        group = self._groups.get((item.event.kind, item.event.job_id))
+        if group is None:
+            group = self._groups[item.event.kind, item.event.job_id] = _Group(since=now)
+        group.items.append(item)
+        group.nbytes += item.size
+
+    def _release_due_retries(self, now: float) -> None:
+        while self._retry and (self._retry[0][0] <= now or self._flush_all):
+            _, _, item = heapq.heappop(self._retry)
+            if item.event.id in self._held:
+                self._add(item, now)
+
+    async def _emit(self, batches: trio.MemorySendChannel[Batch], now: float) -> None:
+        policy = self.policy
+        for key in list(self._groups):
+            group = self._groups[key]
+            while group.items and (
+                self._flush_all or policy.due(len(group.items), group.nbytes, group.since, now)
+            ):
+                take, nbytes = 0, 0
+                for item in group.items:
+                    if take and (
+                        take >= policy.batch_size or nbytes + item.size > policy.batch_bytes
+                    ):
+                        break
+                    take += 1
+                    nbytes += item.size
+                chosen, group.items = group.items[:take], group.items[take:]
+                group.nbytes -= nbytes
+                group.since = now
+                self.batches_sent += 1
+                await batches.send(Batch(key[0], key[1], [item.event for item in chosen]))
+            if not group.items:
+                del self._groups[key]
+        if not self._retry:
+            self._flush_all = self._flush_all and bool(self._held)
+
+    def _next_deadline(self) -> float:
+        deadlines = [g.since + self.policy.flush_interval for g in self._groups.values()]
+        if self._retry:
+            deadlines.append(self._retry[0][0])
+        return min(deadlines, default=trio.current_time() + 3600.0)
