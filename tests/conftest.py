@@ -42,9 +42,14 @@ def make_config(tmp_path: Path, sock_dir: Path) -> Callable[..., Config]:
 async def local_daemon(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> AsyncIterator[Daemon]:
-    """A daemon in local mode, in this test's trio run, with a real socket and spool."""
+    """A daemon in local mode, in this test's trio run, with a real socket and spool.
+
+    Coalescing is off so that every event can be found in the spool by id; the policies
+    have their own tests (test_policies.py).
+    """
+    config = make_config(coalesce=False)
     daemon: Daemon = await nursery.start(
-        lambda task_status: Daemon(make_config()).run(handle_signals=False, task_status=task_status)
+        lambda task_status: Daemon(config).run(handle_signals=False, task_status=task_status)
     )
     yield daemon
     daemon.stop()

@@ -29,6 +29,7 @@ FAST = {
     "breaker_max_reset": 0.4,
     "http_timeout": 2.0,
     "drain_deadline": 5.0,
+    "coalesce": False,  # every event by id at the master; coalescing: test_policies.py
 }
 
 
@@ -231,7 +232,7 @@ async def test_stop_drains_pending_batches(
 async def test_full_spool_refuses_crashes_with_an_error(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> None:
-    daemon = await start(nursery, make_config(spool_max_bytes=1024 * 1024))
+    daemon = await start(nursery, make_config(spool_max_bytes=1024 * 1024, coalesce=False))
     big = b"\x00" * (200 * 1024)
     crashes = [
         EventMsg(

@@ -19,7 +19,7 @@ import trio.lowlevel
 from pfcollector.config import Config
 from pfcollector.daemon import Daemon
 from pfcollector.events import Kind
-from pfcollector.protocol import Ack, Control, ErrorMsg, Reply, Welcome
+from pfcollector.protocol import Ack, Control, ErrorMsg, EventMsg, Reply, Welcome
 from pfcollector.server import AddressInUse, bind_unix
 from pfcollector.spool import Spool
 
@@ -109,8 +109,10 @@ async def test_many_concurrent_clients(local_daemon: Daemon) -> None:
         await client.hello(job_id=f"job-{n % 4}", fuzzer=f"f{n}")
         for seq in range(1, per_client + 1):
             kind = Kind.CRASH if seq % 10 == 0 else Kind.COVERAGE
-            ev = event(seq, kind)
-            await client.send(type(ev)(seq, kind, ev.fields, f"c{n}-{seq}", None, None))
+            fields = event(seq, kind).fields
+            if kind is Kind.CRASH:
+                fields = {**fields, "input": f"client {n} crash {seq}".encode()}  # distinct
+            await client.send(EventMsg(seq, kind, fields, f"c{n}-{seq}", None, None))
         assert await until_ack(client, per_client) == []
         await client.aclose()
 
@@ -145,7 +147,9 @@ async def test_socket_mode_and_stale_and_live(
     stale.close()  # the file stays: a daemon that died
     assert path.exists()
     daemon: Daemon = await nursery.start(
-        lambda task_status: Daemon(make_config()).run(handle_signals=False, task_status=task_status)
+        lambda task_status: Daemon(make_config(coalesce=False)).run(
+            handle_signals=False, task_status=task_status
+        )
     )
     assert stat.S_IMODE(path.stat().st_mode) == 0o660
     with pytest.raises(AddressInUse, match="already listening"):
@@ -163,7 +167,7 @@ async def test_socket_mode_and_stale_and_live(
 async def test_shutdown_with_events_in_flight(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> None:
-    config = make_config()
+    config = make_config(coalesce=False)
     daemon: Daemon = await nursery.start(
         lambda task_status: Daemon(config).run(handle_signals=False, task_status=task_status)
     )
@@ -188,7 +192,10 @@ async def test_shutdown_with_events_in_flight(
                 while True:
                     seq += 1
                     ev = event(seq, Kind.CRASH if seq % 3 == 0 else Kind.COVERAGE)
-                    await client.send(type(ev)(seq, ev.kind, ev.fields, f"p{n}-{seq}", None, None))
+                    fields = dict(ev.fields)
+                    if ev.kind is Kind.CRASH:
+                        fields["input"] = f"producer {n} crash {seq}".encode()
+                    await client.send(EventMsg(seq, ev.kind, fields, f"p{n}-{seq}", None, None))
                     await trio.lowlevel.checkpoint()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass

@@ -85,6 +85,8 @@ class Config:
     http_timeout: float = 10.0
     heartbeat_interval: float = 30.0
     senders: int = 4
+    crash_dedupe: bool = True
+    coalesce: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "socket_path", Path(self.socket_path))

@@ -56,7 +56,8 @@ class Daemon:
         self.inputs = InputStore(config.inputs_dir)
         self.inputs.clean()
         self.ingest_send, self.ingest_recv = trio.open_memory_channel[Pending](INGEST_QUEUE_SIZE)
-        self.committer = GroupCommitter(self.spool, self.inputs)
+        self.committer = GroupCommitter(self.spool, self.inputs, crash_dedupe=config.crash_dedupe)
+        self.policy = BatchPolicy(config.batch_size, config.batch_bytes, config.flush_interval)
         self.server = Server(
             config.socket_path,
             self.ingest_send,
@@ -64,8 +65,8 @@ class Daemon:
             socket_mode=config.socket_mode,
             max_frame=config.max_frame,
             max_connections=config.max_connections,
+            coalesce_interval=(lambda: self.policy.flush_interval) if config.coalesce else None,
         )
-        self.policy = BatchPolicy(config.batch_size, config.batch_bytes, config.flush_interval)
         self.pipeline = Pipeline(
             self.spool, self.policy, retry_base=config.retry_base, retry_cap=config.retry_cap
         )
@@ -244,6 +245,21 @@ class Daemon:
         log.info("tuned: %s", changes)
         return {"batch_size": self.policy.batch_size, "flush_interval": self.policy.flush_interval}
 
+    async def _policies(self) -> dict[str, Any]:
+        coalescer = self.server.coalescer
+        top = await trio.to_thread.run_sync(self.spool.top_repeats, Kind.CRASH, 5)
+        return {
+            "crash": {"dedupe": self.config.crash_dedupe, "top_repeats": top},
+            "corpus": {"dedupe": True},
+            "coalesce": {
+                "enabled": coalescer is not None,
+                "kinds": ["stats", "coverage"] if coalescer is not None else [],
+                "interval_s": self.policy.flush_interval,
+                "pending": len(coalescer) if coalescer is not None else 0,
+                "absorbed": dict(coalescer.absorbed) if coalescer is not None else {},
+            },
+        }
+
     async def status(self) -> dict[str, Any]:
         """Everything ``pfcollector status`` shows, as stable JSON."""
         server, stats = self.server, self.server.stats
@@ -278,6 +294,7 @@ class Daemon:
                 "max_bytes": self.spool.max_bytes,
                 "kinds": spool_status,
             },
+            "policies": await self._policies(),
             "delivery": None,
             "config": self.config.public(),
         }

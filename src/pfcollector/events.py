@@ -57,11 +57,15 @@ STATUS_KINDS: frozenset[Kind] = frozenset({Kind.STATS}) | LIFECYCLE_KINDS
 DURABLE_KINDS: frozenset[Kind] = frozenset({Kind.CRASH, Kind.CORPUS})
 
 
+_Type = type  # the field named ``type`` below shadows the builtin inside the class
+
+
 @dataclass(frozen=True, slots=True)
 class FieldSpec:
     """One kind-specific field as a producer sends it.
 
-    ``type`` is one of ``int``, ``float``, ``str``, ``bytes`` or ``list`` (a list of ``str``).
+    ``type`` is one of ``int``, ``float``, ``str``, ``bytes`` or ``list`` (of ``item``: ``str``
+    or ``bytes``).
     A ``float`` field also takes an integer; an ``int`` field takes only an integer (never a
     float, never a bool), as the master does. ``max_len`` bounds a ``str``/``bytes`` length
     (in bytes for ``bytes``, characters for ``str``) or a list's item count. Strings marked
@@ -75,6 +79,7 @@ class FieldSpec:
     default: Any = None
     max_len: int | None = None
     truncate: bool = False
+    item: _Type = str
 
 
 _STR_MAX = 256  # ids, names, crash types
@@ -100,6 +105,9 @@ SCHEMAS: Mapping[Kind, tuple[FieldSpec, ...]] = {
     Kind.CORPUS: (
         FieldSpec("files", list, required=True, max_len=_FILES_MAX),
         FieldSpec("total_size", int, default=0),
+        # Optional: the bytes of each entry of ``files``, stored content-addressed and used to
+        # deduplicate the corpus by content hash. Never sent to the master.
+        FieldSpec("contents", list, default=None, max_len=_FILES_MAX, item=bytes),
     ),
     Kind.STATS: (
         FieldSpec("executions", int, default=0),

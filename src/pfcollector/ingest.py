@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import trio
 
-from .events import Event
+from .events import Event, Kind
 from .inputs import InputStore
+from .policies import crash_signature
 from .spool import Spool
 
 __all__ = [
@@ -115,7 +116,8 @@ class Pending:
     """An accepted event on its way to the spool."""
 
     event: Event
-    input: bytes | None
+    #: Bytes stored content-addressed before the event: a crash input, or corpus contents.
+    input: bytes | list[bytes] | None
     tracker: AckTracker
     seq: int
 
@@ -123,9 +125,10 @@ class Pending:
 class GroupCommitter:
     """The single writer of new events: many events per transaction, acks after commit."""
 
-    def __init__(self, spool: Spool, inputs: InputStore) -> None:
+    def __init__(self, spool: Spool, inputs: InputStore, *, crash_dedupe: bool = True) -> None:
         self.spool = spool
         self.inputs = inputs
+        self.crash_dedupe = crash_dedupe
         self.groups = 0
         self.committed = 0
         self._listeners: list[Callable[[], None]] = []
@@ -175,20 +178,32 @@ class GroupCommitter:
     def _write(self, group: list[Pending]) -> list[str | None]:
         events: list[Event] = []
         sizes: list[int] = []
+        keys: list[list[str] | None] = []
         for item in group:
-            event = item.event
-            if item.input is not None:
+            event, size, dedupe = item.event, 0, None
+            if isinstance(item.input, bytes):  # a crash input
                 stored = self.inputs.put(item.input)
                 fields = dict(event.fields)
                 fields.update(hash=stored.sha256, size=stored.size, file_path=stored.path)
                 fields.setdefault("is_unique", True)
                 event = dataclasses.replace(event, fields=fields)
-                sizes.append(stored.size)
-            else:
-                sizes.append(0)
+                size = stored.size
+                if self.crash_dedupe:
+                    dedupe = [crash_signature(stored.sha256, fields["type"], fields["signal"])]
+            elif event.kind is Kind.CORPUS:
+                files = list(event.fields["files"])
+                if item.input is not None:  # contents: dedupe by what the files hold
+                    hashes = [self.inputs.put(data).sha256 for data in item.input]
+                    size = sum(len(data) for data in item.input)
+                    event = dataclasses.replace(event, fields={**event.fields, "hashes": hashes})
+                    dedupe = [f"sha256:{h}" for h in hashes]
+                else:
+                    dedupe = [f"name:{name}" for name in files]
             events.append(event)
+            sizes.append(size)
+            keys.append(dedupe)
         self.inputs.sync_dirs()
-        return self.spool.append(events, sizes)
+        return self.spool.append(events, sizes, keys)
 
 
 _REFUSALS = {

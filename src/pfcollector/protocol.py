@@ -333,10 +333,11 @@ class _Checker:
                 raise self.fail("too_long", name, f"is {len(value)} {unit}, limit {limit}")
             if want is list:
                 for i, item in enumerate(value):
-                    if type(item) is not str:
-                        raise self.fail("wrong_type", name, f"item {i} must be a string, got "
-                                        f"{_describe(item)}")  # fmt: skip
-                    if len(item) > FILE_NAME_MAX:
+                    if type(item) is not spec.item:
+                        want_item = _TYPE_WORD[spec.item]
+                        raise self.fail("wrong_type", name, f"item {i} must be {want_item}, "
+                                        f"got {_describe(item)}")  # fmt: skip
+                    if isinstance(item, str) and len(item) > FILE_NAME_MAX:
                         raise self.fail("too_long", name, f"item {i} is {len(item)} characters, "
                                         f"limit {FILE_NAME_MAX}")  # fmt: skip
             return value
@@ -390,6 +391,11 @@ def _parse_event(obj: dict[Any, Any], last_seq: int) -> EventMsg:
             obj[name] = check.field(spec, value)
     if len(obj) != len(_FIELDS[kind]):
         check.no_extra(obj, _NAMES[kind])
+    if kind is Kind.CORPUS and obj["contents"] is not None and len(obj["contents"]) != len(
+        obj["files"]
+    ):
+        raise check.fail("out_of_range", "contents", f"has {len(obj['contents'])} items but "
+                         f"files has {len(obj['files'])}: one content per file")  # fmt: skip
     return EventMsg(seq, kind, obj, event_id, ts_ns, job_id)
 
 

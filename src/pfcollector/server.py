@@ -34,6 +34,7 @@ import trio
 from . import __version__
 from .events import Event, Kind
 from .ingest import AckTracker, Pending
+from .policies import COALESCED_KINDS, Coalescer
 from .protocol import (
     Ack,
     Control,
@@ -155,6 +156,7 @@ class Server:
         socket_mode: int = 0o660,
         max_frame: int = 16 * 1024 * 1024,
         max_connections: int = 256,
+        coalesce_interval: Callable[[], float] | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
@@ -169,6 +171,13 @@ class Server:
         self._readers: set[trio.CancelScope] = set()
         self._stopping = False
         self._inode: int | None = None
+        # Stats and coverage are merged in memory and pushed to the spool once per interval
+        # (None: every event goes to the spool as it comes).
+        self.coalescer = Coalescer() if coalesce_interval is not None else None
+        self._coalesce_interval = coalesce_interval
+        self._coalescing = trio.CancelScope()
+        self._coalescer_full = trio.Event()
+        self._no_acks = AckTracker()
 
     async def serve(
         self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
@@ -180,21 +189,41 @@ class Server:
         sock = bind_unix(self.socket_path, self.socket_mode)
         self._inode = os.stat(self.socket_path).st_ino
         listener = trio.SocketListener(sock)
-        async with self._ingest, listener, trio.open_nursery() as handlers:
-            task_status.started(self)
-            with self._accepting:
-                while True:
-                    stream = await listener.accept()
-                    handlers.start_soon(self._handle, stream)
-            self._remove_socket_file()
+        async with self._ingest, listener:
+            async with trio.open_nursery() as handlers:
+                handlers.start_soon(self._coalesce_loop)
+                task_status.started(self)
+                with self._accepting:
+                    while True:
+                        stream = await listener.accept()
+                        handlers.start_soon(self._handle, stream)
+                self._remove_socket_file()
+            await self._push_coalesced()  # what connections sent last goes to the spool too
         log.info("server stopped")
 
     def stop(self) -> None:
         """Stop accepting and reading; connections send their final acks and close."""
         self._stopping = True
         self._accepting.cancel()
+        self._coalescing.cancel()
         for scope in self._readers:
             scope.cancel()
+
+    async def _coalesce_loop(self) -> None:
+        if self._coalesce_interval is None:
+            return
+        with self._coalescing:
+            while True:
+                with trio.move_on_after(self._coalesce_interval()):
+                    await self._coalescer_full.wait()  # or flush early rather than grow
+                self._coalescer_full = trio.Event()
+                await self._push_coalesced()
+
+    async def _push_coalesced(self) -> None:
+        if self.coalescer is None:
+            return
+        for event in self.coalescer.take():
+            await self._ingest.send(Pending(event, None, self._no_acks, 0))
 
     def _remove_socket_file(self) -> None:
         with contextlib.suppress(OSError):
@@ -305,7 +334,11 @@ class Server:
         hello = conn.hello
         assert hello is not None  # the protocol refuses events before hello
         fields = dict(msg.fields)
-        data = fields.pop("input", None) if msg.kind is Kind.CRASH else None
+        data: bytes | list[bytes] | None = None
+        if msg.kind is Kind.CRASH:
+            data = fields.pop("input")
+        elif msg.kind is Kind.CORPUS:
+            data = fields.pop("contents")
         event = Event(
             id=msg.id or str(uuid.uuid4()),
             kind=msg.kind,
@@ -319,6 +352,12 @@ class Server:
         info.events += 1
         self.stats.received[msg.kind] += 1
         self.stats.accepted[msg.kind] += 1
+        if self.coalescer is not None and msg.kind in COALESCED_KINDS:
+            self.coalescer.add(event)  # accepted now; the spool gets the merge per interval
+            if self.coalescer.full:
+                self._coalescer_full.set()
+            tracker.handled(msg.seq)
+            return
         tracker.submitted(msg.seq)
         try:
             await self._ingest.send(Pending(event, data, tracker, msg.seq))

@@ -20,6 +20,7 @@ Error handling:
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -37,7 +38,15 @@ __all__ = ["COUNTERS", "Spool", "SpoolCorrupt", "Spooled"]
 
 SCHEMA_VERSION = 1
 #: Per-kind counters kept in the database, so they survive restarts.
-COUNTERS = ("accepted", "delivered", "dropped", "dead_lettered", "retried", "refused")
+COUNTERS = (
+    "accepted",
+    "deduped",
+    "delivered",
+    "dropped",
+    "dead_lettered",
+    "retried",
+    "refused",
+)
 _CHUNK = 500  # ids per statement (SQLite's variable limit is 32766; keep statements small)
 
 _SCHEMA = """
@@ -79,6 +88,15 @@ CREATE TABLE IF NOT EXISTS counters (
     PRIMARY KEY (kind, name)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS seen (
+    kind     TEXT NOT NULL,
+    job_id   TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    first_id TEXT NOT NULL,
+    hits     INTEGER NOT NULL,
+    last_ns  INTEGER NOT NULL,
+    PRIMARY KEY (kind, job_id, key)
+) WITHOUT ROWID;
 """
 _COLUMNS = "id, kind, job_id, fuzzer, ts_ns, received_ns, peer_pid, peer_uid, body, size, attempts"
 
@@ -125,7 +143,10 @@ class Spool:
     # -- writing -------------------------------------------------------------------------
 
     def append(
-        self, events: Sequence[Event], sizes: Sequence[int] | None = None
+        self,
+        events: Sequence[Event],
+        sizes: Sequence[int] | None = None,
+        keys: Sequence[Sequence[str] | None] | None = None,
     ) -> list[str | None]:
         """Store a group of events in one durable transaction.
 
@@ -134,7 +155,10 @@ class Spool:
         was refused. When the spool is full, stats, coverage and lifecycle events make room by
         dropping the oldest of their own kind; crash and corpus events are refused, never
         dropped. ``sizes`` adds bytes stored outside the database (crash inputs) to each
-        event's accounted size.
+        event's accounted size. ``keys`` are dedupe keys per event (a crash's signature, or
+        one key per corpus entry): an event whose keys were all seen in its job under another
+        id is accepted but only counted (``deduped``, and a hit on the first one); a corpus
+        event keeps only its unseen entries.
         """
         results: list[str | None] = []
         delta: Counter[tuple[str, str]] = Counter()
@@ -144,6 +168,14 @@ class Spool:
             try:
                 now = time.time_ns()
                 for i, ev in enumerate(events):
+                    fresh: list[str] = []
+                    event_keys = keys[i] if keys is not None else None
+                    if event_keys:
+                        deduped = self._dedupe(ev, event_keys, now, delta)
+                        if deduped is None:
+                            results.append(None)  # a repeat: counted, durably, not resent
+                            continue
+                        ev, fresh = deduped
                     body = msgpack.packb(dict(ev.fields), use_bin_type=True)
                     size = len(body) + (sizes[i] if sizes else 0)
                     if self.total_bytes + size > self.max_bytes and not self._make_room(
@@ -172,6 +204,11 @@ class Spool:
                         self._count[ev.kind] += 1
                         self._bytes[ev.kind] += size
                         delta[ev.kind, "accepted"] += 1
+                    if fresh:  # only now: a refused event must not make its repeats "seen"
+                        db.executemany(
+                            "INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, 1, ?)",
+                            [(ev.kind.value, ev.job_id, k, ev.id, now) for k in fresh],
+                        )
                     results.append(None)
                 self._bump(delta)
                 db.execute("COMMIT")
@@ -180,6 +217,51 @@ class Spool:
                 self._reload_totals()
                 raise
         return results
+
+    def _dedupe(
+        self, ev: Event, keys: Sequence[str], now: int, delta: Counter[tuple[str, str]]
+    ) -> tuple[Event, list[str]] | None:
+        """``None`` for a repeat; else the event (corpus: only its unseen entries) and the keys
+        to record once it is stored."""
+        keep: list[int] = []
+        fresh: list[str] = []
+        for j, key in enumerate(keys):
+            row = self._db.execute(
+                "SELECT first_id FROM seen WHERE kind = ? AND job_id = ? AND key = ?",
+                (ev.kind.value, ev.job_id, key),
+            ).fetchone()
+            if row is None:
+                keep.append(j)
+                fresh.append(key)
+            elif row[0] == ev.id:
+                keep.append(j)  # a resend of the first one, not a repeat
+            else:
+                self._db.execute(
+                    "UPDATE seen SET hits = hits + 1, last_ns = ? "
+                    "WHERE kind = ? AND job_id = ? AND key = ?",
+                    (now, ev.kind.value, ev.job_id, key),
+                )
+        if not keep:
+            delta[ev.kind, "deduped"] += 1
+            return None
+        if ev.kind is Kind.CORPUS and len(keep) < len(keys):
+            fields = dict(ev.fields)
+            for name in ("files", "hashes"):
+                if name in fields:
+                    fields[name] = [fields[name][j] for j in keep]
+            ev = dataclasses.replace(ev, fields=fields)
+        return ev, fresh
+
+    def top_repeats(self, kind: Kind, limit: int = 10) -> list[dict[str, Any]]:
+        """The most repeated crashes (or corpus entries): job, key, first id, hits."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, key, first_id, hits, last_ns FROM seen WHERE kind = ? "
+                "AND hits > 1 ORDER BY hits DESC LIMIT ?",
+                (kind.value, limit),
+            ).fetchall()
+        names = ("job_id", "key", "first_id", "hits", "last_ns")
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
     def _make_room(self, kind: Kind, size: int, delta: Counter[tuple[str, str]]) -> bool:
         if kind in DURABLE_KINDS:

@@ -1,0 +1,74 @@
+"""Per-type policies: what the master needs of each kind, and nothing more. Pure logic.
+
+* **stats** are snapshots: between two flushes only the latest per (job, fuzzer, pid) matters,
+  so a fuzzer sending stats 1,000 times a second costs the master one request per interval.
+* **coverage** is coalesced the same way per (job, fuzzer, pid): the latest ``edges`` and
+  ``exec_count``, the *sum* of ``new_edges`` (no new edge is forgotten), the latest timestamp.
+* **crashes** are deduplicated per job by :func:`crash_signature` (SHA-256 of the input, crash
+  type, signal): the first is sent, repeats only count hits. That is durable state, so it
+  lives in the spool (:meth:`pfcollector.spool.Spool.append`); this module only says what
+  the signature is.
+* **corpus** entries are deduplicated per job by file name (and by content hash when the
+  producer sends the bytes).
+
+Coalesced kinds are acknowledged as *accepted* when they reach the :class:`Coalescer`, not
+*durable*: the next snapshot supersedes a lost one. Crash and corpus acks mean durable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+from .events import Event, Kind
+
+__all__ = ["COALESCED_KINDS", "MAX_COALESCE_KEYS", "Coalescer", "crash_signature"]
+
+#: Kinds kept in memory and merged between flushes instead of spooled one by one.
+COALESCED_KINDS: frozenset[Kind] = frozenset({Kind.STATS, Kind.COVERAGE})
+#: Distinct (kind, job, fuzzer, pid) keys held at most; past this, the caller flushes early.
+MAX_COALESCE_KEYS = 4096
+
+
+def crash_signature(sha256: str, crash_type: str, signal: int) -> str:
+    """What makes two crashes of one job the same crash."""
+    return f"{sha256}:{crash_type}:{signal}"
+
+
+class Coalescer:
+    """Latest-wins (stats) and merge (coverage) between flushes; bounded by key count."""
+
+    def __init__(self, max_keys: int = MAX_COALESCE_KEYS) -> None:
+        self.max_keys = max_keys
+        self.absorbed: Counter[str] = Counter()
+        self._pending: dict[tuple[Any, ...], Event] = {}
+
+    def add(self, event: Event) -> None:
+        """Take a stats or coverage event; merge it into what is pending for its key."""
+        key = (event.kind, event.job_id, event.fuzzer, event.peer_pid)
+        held = self._pending.get(key)
+        if held is None:
+            self._pending[key] = event
+            return
+        self.absorbed[event.kind] += 1
+        if event.kind is Kind.COVERAGE:
+            fields = dict(event.fields)
+            fields["new_edges"] = int(held.fields.get("new_edges", 0)) + int(
+                fields.get("new_edges", 0)
+            )
+            event = dataclasses.replace(event, fields=fields)
+        self._pending[key] = event
+
+    @property
+    def full(self) -> bool:
+        """Too many distinct keys are held: flush now rather than grow."""
+        return len(self._pending) >= self.max_keys
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def take(self) -> list[Event]:
+        """Everything pending, oldest key first; the coalescer is empty afterwards."""
+        events, self._pending = list(self._pending.values()), {}
+        return events

@@ -1,0 +1,228 @@
+"""Per-type policies. Rules: stats are latest-wins and coverage merges (latest edges and
+exec_count, summed new_edges) per (job, fuzzer, pid) between flushes; the coalescer pushes once
+per interval (virtual time, no socket) or early when it holds too many keys; crashes repeat
+only as hits (durable, per job, by input hash + type + signal); corpus entries seen in the job
+are dropped, by name or by content hash; nothing refused for space is ever marked seen."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from pfcollector.config import Config
+from pfcollector.daemon import Daemon
+from pfcollector.events import Kind
+from pfcollector.ingest import Pending
+from pfcollector.policies import Coalescer, crash_signature
+from pfcollector.protocol import Ack, ErrorMsg, EventMsg
+from pfcollector.server import Server
+from pfcollector.spool import Spool
+
+from .conftest import make_event
+from .wire import RawClient, event
+
+
+def test_stats_latest_wins_per_key() -> None:
+    c = Coalescer()
+    for i in range(1000):
+        c.add(make_event(Kind.STATS, executions=i))
+    c.add(make_event(Kind.STATS, job_id="job-2", executions=7))
+    out = c.take()
+    assert sorted(e.fields["executions"] for e in out) == [7, 999]
+    assert c.absorbed["stats"] == 999
+    assert c.take() == []
+
+
+def test_coverage_sums_new_edges_keeps_latest() -> None:
+    c = Coalescer()
+    for i in range(1, 11):
+        c.add(make_event(Kind.COVERAGE, edges=100 + i, new_edges=i, exec_count=1000 * i))
+    (merged,) = c.take()
+    assert merged.fields == {"edges": 110, "new_edges": 55, "exec_count": 10_000}
+
+
+def test_coalescer_full_flag() -> None:
+    c = Coalescer(max_keys=3)
+    for job in ("a", "b"):
+        c.add(make_event(Kind.STATS, job_id=job))
+    assert not c.full
+    c.add(make_event(Kind.STATS, job_id="c"))
+    assert c.full
+
+
+async def test_coalesce_loop_pushes_once_per_interval(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    send, recv = trio.open_memory_channel[Pending](100)
+    server = Server(Path("/nonexistent"), send, _no_control, coalesce_interval=lambda: 2.0)
+    assert server.coalescer is not None
+    nursery.start_soon(server._coalesce_loop)
+    start = trio.current_time()
+    pushed: list[tuple[float, int]] = []
+
+    async def consume() -> None:
+        async for item in recv:
+            pushed.append((trio.current_time() - start, item.event.fields["executions"]))
+
+    nursery.start_soon(consume)
+    await trio.sleep(0.5)  # producers between the interval boundaries: no ties
+    for second in range(6):
+        for i in range(100):
+            server.coalescer.add(make_event(Kind.STATS, executions=second * 100 + i))
+        await trio.sleep(1.0)
+    assert [t for t, _ in pushed] == [2.0, 4.0, 6.0]  # one event per key per interval
+    assert [x for _, x in pushed] == [199, 399, 599]  # the latest snapshot each time
+    server.stop()
+
+
+async def _no_control(op: str, args: object, peer: object) -> None:
+    return None
+
+
+async def send_and_ack(client: RawClient, events: list[EventMsg]) -> list[ErrorMsg]:
+    for ev in events:
+        await client.send(ev)
+    errors = []
+    with trio.fail_after(10):
+        while True:
+            msg = await client.recv()
+            assert msg is not None
+            if isinstance(msg, ErrorMsg):
+                errors.append(msg)
+            elif isinstance(msg, Ack) and msg.seq >= events[-1].seq:
+                return errors
+
+
+async def start(nursery: trio.Nursery, config: Config) -> Daemon:
+    daemon: Daemon = await nursery.start(
+        lambda task_status: Daemon(config).run(handle_signals=False, task_status=task_status)
+    )
+    return daemon
+
+
+async def test_daemon_coalesces_stats_and_coverage(
+    make_config: Callable[..., Config], nursery: trio.Nursery
+) -> None:
+    daemon = await start(nursery, make_config(flush_interval=0.2))
+    client = await RawClient.connect(daemon.config.socket_path)
+    await client.hello()
+    events = [event(s, Kind.STATS, executions=s) for s in range(1, 1001)]
+    events += [event(s, Kind.COVERAGE, edges=s, new_edges=1) for s in range(1001, 1101)]
+    assert await send_and_ack(client, events) == []  # acked at once: accepted, not durable
+    with trio.fail_after(10):
+        while daemon.spool.total_count < 2:
+            await trio.sleep(0.05)
+    await trio.sleep(0.3)
+    rows = {r.event.kind: r.event for r in daemon.spool.read_after(0, 100)}
+    assert daemon.spool.total_count == 2
+    assert rows[Kind.STATS].fields["executions"] == 1000
+    assert rows[Kind.COVERAGE].fields["edges"] == 1100
+    assert rows[Kind.COVERAGE].fields["new_edges"] == 100
+    status = await daemon.status()
+    assert status["events"]["stats"]["accepted"] == 1000
+    assert status["policies"]["coalesce"]["absorbed"] == {"stats": 999, "coverage": 99}
+    await client.aclose()
+    daemon.stop()
+
+
+async def test_stop_pushes_what_is_coalesced(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    config = make_config(flush_interval=3600.0)
+    async with trio.open_nursery() as nursery:
+        daemon = await start(nursery, config)
+        client = await RawClient.connect(config.socket_path)
+        await client.hello()
+        await send_and_ack(client, [event(s, Kind.STATS, executions=s) for s in range(1, 50)])
+        await client.aclose()
+        daemon.stop()
+    spool = Spool(config.spool_path)
+    (row,) = spool.read_after(0, 10)
+    assert row.event.fields["executions"] == 49
+    spool.close()
+
+
+async def test_crash_dedupe_counts_hits(
+    make_config: Callable[..., Config], nursery: trio.Nursery
+) -> None:
+    daemon = await start(nursery, make_config())
+    client = await RawClient.connect(daemon.config.socket_path)
+    await client.hello()
+    same = [event(s, Kind.CRASH, input=b"same input") for s in range(1, 51)]
+    other_signal = event(51, Kind.CRASH, input=b"same input", signal=6)
+    assert await send_and_ack(client, [*same, other_signal]) == []
+    rows = [r.event for r in daemon.spool.read_after(0, 100)]
+    assert [e.id for e in rows] == [same[0].id, other_signal.id]  # the first is kept
+    status = await daemon.status()
+    assert status["spool"]["kinds"]["crash"]["deduped"] == 49
+    (top,) = status["policies"]["crash"]["top_repeats"]
+    sha = hashlib.sha256(b"same input").hexdigest()
+    assert top["key"] == crash_signature(sha, "SEGV", 11)
+    assert top["hits"] == 50
+    assert top["first_id"] == same[0].id
+    # A resend of the first crash (same id) is not a repeat.
+    assert await send_and_ack(client, [event(52, Kind.CRASH, input=b"same input")]) == []
+    await client.aclose()
+    daemon.stop()
+
+
+async def test_crash_dedupe_can_be_switched_off(
+    make_config: Callable[..., Config], nursery: trio.Nursery
+) -> None:
+    daemon = await start(nursery, make_config(crash_dedupe=False))
+    client = await RawClient.connect(daemon.config.socket_path)
+    await client.hello()
+    assert await send_and_ack(client, [event(s, Kind.CRASH, input=b"x") for s in range(1, 6)]) == []
+    assert daemon.spool.total_count == 5
+    await client.aclose()
+    daemon.stop()
+
+
+async def test_corpus_dedupe_by_name_and_by_content(
+    make_config: Callable[..., Config], nursery: trio.Nursery
+) -> None:
+    daemon = await start(nursery, make_config())
+    client = await RawClient.connect(daemon.config.socket_path)
+    await client.hello()
+    events = [
+        event(1, Kind.CORPUS, files=["q/a", "q/b"]),
+        event(2, Kind.CORPUS, files=["q/b", "q/c"]),  # q/b seen: only q/c is new
+        event(3, Kind.CORPUS, files=["q/a"]),  # all seen: deduped
+        event(4, Kind.CORPUS, files=["x1", "x2"], contents=[b"AAAA", b"BBBB"]),
+        event(5, Kind.CORPUS, files=["y1"], contents=[b"AAAA"]),  # same bytes, other name
+    ]
+    assert await send_and_ack(client, events) == []
+    rows = {r.event.id: r.event for r in daemon.spool.read_after(0, 100)}
+    assert rows[events[0].id].fields["files"] == ["q/a", "q/b"]
+    assert rows[events[1].id].fields["files"] == ["q/c"]
+    assert events[2].id not in rows
+    assert rows[events[3].id].fields["hashes"] == [
+        hashlib.sha256(b"AAAA").hexdigest(),
+        hashlib.sha256(b"BBBB").hexdigest(),
+    ]
+    assert events[4].id not in rows
+    assert daemon.inputs.path_for(hashlib.sha256(b"BBBB").hexdigest()).read_bytes() == b"BBBB"
+    status = await daemon.status()
+    assert status["spool"]["kinds"]["corpus"]["deduped"] == 2
+    bad = event(6, Kind.CORPUS, files=["z"], contents=[b"1", b"2"])
+    (error,) = await send_and_ack(client, [bad])
+    assert error.field == "contents"
+    await client.aclose()
+    daemon.stop()
+
+
+def test_refused_crash_is_not_marked_seen(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1024 * 1024)
+    big = "x" * 60_000
+    filler = [make_event(Kind.CRASH, output=big) for _ in range(17)]
+    spool.append(filler, None, [[f"fill-{i}"] for i in range(17)])
+    first = make_event(Kind.CRASH, output=big)
+    assert spool.append([first], None, [["sig"]]) == ["spool_full"]
+    spool.delivered([e.id for e in filler])
+    again = make_event(Kind.CRASH, output=big)
+    assert spool.append([again], None, [["sig"]]) == [None]
+    assert [r.event.id for r in spool.read_after(0, 10)] == [again.id]  # stored, not "a repeat"
+    spool.close()
