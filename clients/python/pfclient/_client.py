@@ -163,11 +163,15 @@ class Client:
         stack_trace: str = "",
         job_id: str | None = None,
         ts: float | None = None,
+        id: str | None = None,
     ) -> str:
         """Report a crash and wait until the daemon has stored it durably.
 
+        ``id`` makes the event's id stable across retries by the caller (a watcher that
+        restarts, say): the daemon stores an id once. By default a uuid4 is made here.
+
         Returns:
-            The event id (a uuid4 string made here).
+            The event id.
 
         Raises:
             EventRejected: the daemon refused this crash.
@@ -176,7 +180,7 @@ class Client:
         """
         fields = {"type": type, "signal": signal, "exit_code": exit_code, "output": output,
                   "stack_trace": stack_trace, "input": bytes(input)}  # fmt: skip
-        return self._submit("crash", fields, job_id, ts, wait=True)
+        return self._submit("crash", fields, job_id, ts, wait=True, event_id=id)
 
     def coverage(
         self,
@@ -186,33 +190,56 @@ class Client:
         exec_count: int = 0,
         job_id: str | None = None,
         ts: float | None = None,
+        id: str | None = None,
     ) -> str:
         """Report coverage; returns the event id without waiting for the ack."""
         fields = {"edges": edges, "new_edges": new_edges, "exec_count": exec_count}
-        return self._submit("coverage", fields, job_id, ts)
+        return self._submit("coverage", fields, job_id, ts, event_id=id)
 
     def corpus(
         self,
         files: list[str],
         *,
         total_size: int = 0,
+        contents: list[bytes] | None = None,
         job_id: str | None = None,
         ts: float | None = None,
+        id: str | None = None,
     ) -> str:
-        """Report corpus files; returns the event id without waiting for the ack."""
-        return self._submit("corpus", {"files": list(files), "total_size": total_size}, job_id, ts)
+        """Report corpus files; returns the event id without waiting for the ack.
 
-    def stats(self, *, job_id: str | None = None, ts: float | None = None, **fields: float) -> str:
+        ``contents`` (one ``bytes`` per file) lets the daemon store the inputs once and
+        deduplicate the corpus by content hash; without it, entries are deduplicated by name.
+        """
+        fields: dict[str, Any] = {"files": list(files), "total_size": total_size}
+        if contents is not None:
+            fields["contents"] = [bytes(c) for c in contents]
+        return self._submit("corpus", fields, job_id, ts, event_id=id)
+
+    def stats(
+        self,
+        *,
+        job_id: str | None = None,
+        ts: float | None = None,
+        id: str | None = None,
+        **fields: float,
+    ) -> str:
         """Report fuzzer statistics (``executions=``, ``exec_per_second=``, ...); no wait."""
-        return self._submit("stats", dict(fields), job_id, ts)
+        return self._submit("stats", dict(fields), job_id, ts, event_id=id)
 
     def lifecycle(
-        self, kind: str, message: str = "", *, job_id: str | None = None, ts: float | None = None
+        self,
+        kind: str,
+        message: str = "",
+        *,
+        job_id: str | None = None,
+        ts: float | None = None,
+        id: str | None = None,
     ) -> str:
         """Report ``started``, ``stopped``, ``error`` or ``timeout``; no wait."""
         if kind not in _LIFECYCLE:
             raise ValueError(f"lifecycle kind must be one of {', '.join(_LIFECYCLE)}, got {kind!r}")
-        return self._submit(kind, {"message": message}, job_id, ts)
+        return self._submit(kind, {"message": message}, job_id, ts, event_id=id)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every event sent so far is acknowledged.
@@ -292,9 +319,9 @@ class Client:
 
     def _submit(
         self, kind: str, fields: dict[str, Any], job_id: str | None, ts: float | None,
-        wait: bool = False,
+        wait: bool = False, event_id: str | None = None,
     ) -> str:  # fmt: skip
-        event_id = str(uuid.uuid4())
+        event_id = event_id or str(uuid.uuid4())
         body: dict[str, Any] = {
             "t": "event", "seq": _SEQ_PLACEHOLDER, "kind": kind, "id": event_id,
             "ts": time.time() if ts is None else ts,

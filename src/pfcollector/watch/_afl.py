@@ -1,0 +1,243 @@
+"""Follow an AFL++ output directory: crashes, new queue entries, ``fuzzer_stats``.
+
+Every instance under the output directory is followed (``-M``/``-S`` instances, and the
+single-instance ``default``): ``<out>/<instance>/{crashes,queue,fuzzer_stats}``. AFL++ numbers
+the files of each directory in order (``id:000000,...``), so the state per directory is the
+next number to send plus the directory's identity (``dev:inode``: a resumed AFL++ renames the
+old ``crashes`` away and starts again at ``id:000000`` in a new one). Files younger than
+``settle`` seconds are left for the next scan: AFL++ writes them in place.
+
+Resource handling:
+    A scan reads only what is new; crash inputs are read whole (at most 10 MiB + 1 byte).
+
+Error handling:
+    The daemon being away propagates from :class:`Sink` and the state is not advanced past
+    what was acknowledged. A file that vanishes mid-scan is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal as _signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..events import CRASH_INPUT_MAX
+from ._sink import Sink, stable_id
+from ._state import StateFile
+
+__all__ = [
+    "AflWatcher",
+    "coverage_fields",
+    "find_instances",
+    "parse_crash_name",
+    "parse_fuzzer_stats",
+    "signal_type",
+    "stats_fields",
+]
+
+log = logging.getLogger("pfcollector.watch.afl")
+_ID = re.compile(r"^id:(\d+)")
+_SIG = re.compile(r"(?:^|,)sig:(\d+)(?:,|$)")
+_FILES_PER_EVENT = 1024  # the protocol's limit for a corpus event's ``files``
+
+
+def parse_crash_name(name: str) -> tuple[int, int] | None:
+    """``(id number, signal)`` of an AFL++ crash file name, or None if it is not one.
+
+    >>> parse_crash_name("id:000003,sig:11,src:000001,time:532,execs:2646,op:havoc,rep:2")
+    (3, 11)
+    """
+    m = _ID.match(name)
+    if m is None:
+        return None
+    sig = _SIG.search(name)
+    return int(m.group(1)), int(sig.group(1)) if sig else 0
+
+
+def signal_type(signum: int) -> str:
+    """The crash type for a signal number: ``"SIGSEGV"`` for 11, ``"SIG77"`` if unknown."""
+    if signum <= 0:
+        return "crash"
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"SIG{signum}"
+
+
+def parse_fuzzer_stats(text: str) -> dict[str, str]:
+    """``key : value`` lines of a ``fuzzer_stats`` file as a dict of strings."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _num(raw: dict[str, str], *keys: str) -> float:
+    for key in keys:
+        value = raw.get(key, "").rstrip("%").strip()
+        if value:
+            try:
+                return float(value)
+            except ValueError:
+                continue
+    return 0.0
+
+
+def stats_fields(raw: dict[str, str]) -> dict[str, Any]:
+    """The ``stats`` event fields for a parsed ``fuzzer_stats`` (AFL++ 4 and older names)."""
+    unique = int(_num(raw, "saved_crashes", "unique_crashes"))
+    return {
+        "executions": int(_num(raw, "execs_done")),
+        "exec_per_second": _num(raw, "execs_per_sec"),
+        "total_edges": int(_num(raw, "total_edges")),
+        "covered_edges": int(_num(raw, "edges_found")),
+        "coverage_percent": _num(raw, "bitmap_cvg"),
+        "unique_crashes": unique,
+        "total_crashes": max(unique, int(_num(raw, "total_crashes"))),
+        "corpus_size": int(_num(raw, "corpus_count", "paths_total")),
+        "memory_usage": int(_num(raw, "peak_rss_mb") * 1024 * 1024),  # bytes
+    }
+
+
+def coverage_fields(raw: dict[str, str], previous_edges: int) -> dict[str, Any]:
+    """The ``coverage`` event fields: edges, growth since ``previous_edges``, executions."""
+    edges = int(_num(raw, "edges_found"))
+    return {"edges": edges, "new_edges": max(0, edges - previous_edges),
+            "exec_count": int(_num(raw, "execs_done"))}  # fmt: skip
+
+
+def find_instances(output_dir: Path) -> list[tuple[str, Path]]:
+    """``(name, directory)`` of every AFL++ instance under ``output_dir``, sorted by name.
+
+    ``output_dir`` itself counts as an instance (named after it) when it holds ``queue`` or
+    ``fuzzer_stats`` directly (AFL before ``default/``).
+    """
+
+    def is_instance(d: Path) -> bool:
+        return (d / "queue").is_dir() or (d / "crashes").is_dir() or (d / "fuzzer_stats").is_file()
+
+    if is_instance(output_dir):
+        return [(output_dir.resolve().name, output_dir)]
+    try:
+        subdirs = sorted(p for p in output_dir.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+    return [(d.name, d) for d in subdirs if is_instance(d)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    number: int
+    name: str
+    path: Path
+    size: int
+
+
+def _new_entries(directory: Path, cursor: dict[str, Any], settle: float) -> Iterator[_Entry]:
+    """Settled ``id:*`` files numbered at least ``cursor["next"]``, in order; resets the cursor
+    when the directory is not the one it was made for."""
+    try:
+        st = directory.stat()
+    except FileNotFoundError:
+        return
+    identity = f"{st.st_dev}:{st.st_ino}"
+    if cursor.get("dir") != identity:
+        cursor.clear()
+        cursor.update({"dir": identity, "next": 0})
+    found: list[tuple[int, os.DirEntry[str]]] = []
+    with os.scandir(directory) as it:
+        for entry in it:
+            m = _ID.match(entry.name)
+            if m is not None and int(m.group(1)) >= cursor["next"] and entry.is_file():
+                found.append((int(m.group(1)), entry))
+    now = time.time()
+    for number, entry in sorted(found, key=lambda f: f[0]):
+        try:
+            est = entry.stat()
+        except FileNotFoundError:
+            continue
+        if now - est.st_mtime < settle:
+            return  # still being written (or the next one is): keep the order, try again later
+        yield _Entry(number, entry.name, Path(entry.path), est.st_size)
+
+
+class AflWatcher:
+    """One pass of :meth:`scan` sends everything new under ``output_dir`` and commits state."""
+
+    def __init__(self, output_dir: Path, sink: Sink, state: StateFile, settle: float = 1.0) -> None:
+        self.output_dir = output_dir
+        self.sink = sink
+        self.state = state
+        self.settle = settle
+        self._where = str(output_dir.resolve())
+
+    def scan(self) -> int:
+        """Send what is new in every instance; return how many events were sent."""
+        instances: dict[str, Any] = self.state.data.setdefault("instances", {})
+        sent = 0
+        for name, directory in find_instances(self.output_dir):
+            inst = instances.setdefault(name, {})
+            try:
+                sent += self._scan_instance(name, directory, inst)
+            finally:
+                self.state.save()
+        return sent
+
+    def _scan_instance(self, name: str, directory: Path, inst: dict[str, Any]) -> int:
+        fuzzer, sent = f"afl++/{name}", 0
+        crashes = inst.setdefault("crashes", {})
+        for entry in _new_entries(directory / "crashes", crashes, self.settle):
+            parsed = parse_crash_name(entry.name)
+            assert parsed is not None
+            try:
+                with entry.path.open("rb") as f:
+                    data = f.read(CRASH_INPUT_MAX + 1)
+            except FileNotFoundError:
+                continue
+            event_id = stable_id("afl", self._where, self.sink.job_id, name, entry.name)
+            fields = {"type": signal_type(parsed[1]), "signal": parsed[1], "input": data,
+                      "output": f"AFL++ {name}/crashes/{entry.name}"}  # fmt: skip
+            self.sink.send(fuzzer, "crash", fields, event_id)  # waits for the durable ack
+            crashes["next"] = entry.number + 1
+            sent += 1
+            log.info("crash %s/crashes/%s sent as %s", name, entry.name, event_id)
+
+        queue = inst.setdefault("queue", {})
+        new_queue = list(_new_entries(directory / "queue", queue, self.settle))
+        for start in range(0, len(new_queue), _FILES_PER_EVENT):
+            chunk = new_queue[start : start + _FILES_PER_EVENT]
+            files = [f"{name}/queue/{e.name}" for e in chunk]
+            event_id = stable_id("aflq", self._where, self.sink.job_id, *files)
+            self.sink.send(fuzzer, "corpus",
+                           {"files": files, "total_size": sum(e.size for e in chunk)},
+                           event_id)  # fmt: skip
+            sent += 1
+
+        pending: dict[str, Any] = {}
+        try:
+            raw = parse_fuzzer_stats((directory / "fuzzer_stats").read_text(errors="replace"))
+        except FileNotFoundError:
+            raw = {}
+        if raw and raw.get("last_update") != inst.get("stats_update"):
+            self.sink.send(fuzzer, "stats", stats_fields(raw))
+            pending["stats_update"] = raw.get("last_update")
+            sent += 1
+        if raw.get("edges_found") and int(_num(raw, "edges_found")) != inst.get("edges"):
+            cov = coverage_fields(raw, int(inst.get("edges", 0)))
+            self.sink.send(fuzzer, "coverage", cov)
+            pending["edges"] = cov["edges"]
+            sent += 1
+
+        self.sink.flush()
+        if new_queue:
+            queue["next"] = new_queue[-1].number + 1
+        inst.update(pending)
+        return sent

@@ -1,0 +1,90 @@
+"""``pfcollector watch afl|libfuzzer``: the sidecars that turn fuzzer output into events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._afl import AflWatcher
+from ._libfuzzer import LibFuzzerWatcher
+from ._run import run_loop
+from ._sink import Sink
+from ._state import StateError, StateFile, default_state_path
+
+__all__ = ["watch_app"]
+
+watch_app = typer.Typer(
+    help="Follow a fuzzer's output directory and report what it finds.", no_args_is_help=True
+)
+
+JobOpt = Annotated[str, typer.Option("--job", envvar="PFCOLLECTOR_JOB", help="Job id")]
+SocketOpt = Annotated[
+    Path | None, typer.Option("--socket", help="Daemon socket (default: as pfcollector serve)")
+]
+StateOpt = Annotated[
+    Path | None,
+    typer.Option("--state", help="State file (default: <data dir>/watch/<kind>-<digest>.json)"),
+]
+IntervalOpt = Annotated[float, typer.Option("--interval", min=0.0, help="Seconds between scans")]
+SettleOpt = Annotated[
+    float, typer.Option("--settle", min=0.0, help="Ignore files modified less than this ago (s)")
+]
+OnceOpt = Annotated[bool, typer.Option("--once", help="Scan once and exit (1 if no daemon)")]
+LogLevelOpt = Annotated[str, typer.Option("--log-level")]
+
+
+def _state(path: Path | None, kind: str, watched: Path, job: str) -> StateFile:
+    try:
+        return StateFile(path or default_state_path(kind, watched, job), watched)
+    except StateError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _logging(level: str) -> None:
+    from ..cli import _setup_logging  # the daemon's key=value log lines
+
+    _setup_logging(level)
+
+
+@watch_app.command("afl")
+def watch_afl(
+    output_dir: Annotated[Path, typer.Argument(help="afl-fuzz -o directory")],
+    job: JobOpt,
+    socket_path: SocketOpt = None,
+    state: StateOpt = None,
+    interval: IntervalOpt = 2.0,
+    settle: SettleOpt = 1.0,
+    once: OnceOpt = False,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Follow every AFL++ instance under OUTPUT_DIR: crashes, queue, fuzzer_stats."""
+    _logging(log_level)
+    sink = Sink(socket_path, job)
+    watcher = AflWatcher(output_dir, sink, _state(state, "afl", output_dir, job), settle)
+    if not run_loop(watcher.scan, sink, interval, once=once):
+        raise typer.Exit(1)
+
+
+@watch_app.command("libfuzzer")
+def watch_libfuzzer(
+    artifact_dir: Annotated[Path, typer.Argument(help="libFuzzer -artifact_prefix directory")],
+    job: JobOpt,
+    log: Annotated[Path | None, typer.Option("--log", help="libFuzzer's stderr log")] = None,
+    fuzzer: Annotated[str, typer.Option("--fuzzer", help="Fuzzer name")] = "libfuzzer",
+    socket_path: SocketOpt = None,
+    state: StateOpt = None,
+    interval: IntervalOpt = 2.0,
+    settle: SettleOpt = 1.0,
+    once: OnceOpt = False,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Turn libFuzzer artifacts into crashes and its log's status lines into stats/coverage."""
+    _logging(log_level)
+    sink = Sink(socket_path, job)
+    st = _state(state, "libfuzzer", artifact_dir, job)
+    watcher = LibFuzzerWatcher(artifact_dir, sink, st, log, fuzzer=fuzzer, settle=settle)
+    if not run_loop(watcher.scan, sink, interval, once=once):
+        raise typer.Exit(1)

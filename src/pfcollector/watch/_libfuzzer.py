@@ -1,0 +1,182 @@
+"""Follow libFuzzer: artifacts become crashes, the log's status lines become stats and coverage.
+
+Artifacts are the files libFuzzer writes to ``-artifact_prefix``: ``crash-<sha1>``,
+``leak-<sha1>``, ``timeout-<sha1>``, ``oom-<sha1>``; the crash type is the prefix. The log is
+libFuzzer's stderr redirected to a file; its status lines look like
+``#12345  NEW    cov: 120 ft: 200 corp: 30/1234b lim: 4 exec/s: 5000 rss: 40Mb L: 3/3 MS: ...``
+(also ``INITED``, ``REDUCE``, ``pulse``, ``DONE``, ``RELOAD``). A scan sends one stats event
+and, when ``cov`` changed, one coverage event, from the last status line it read.
+
+State: the names of the artifacts sent (their names hold a content hash) and the log's
+identity and byte offset (only whole lines are consumed; a truncated or replaced log is read
+again from its start).
+
+Error handling:
+    As for AFL++: the daemon being away propagates and nothing is committed that was not acked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..events import CRASH_INPUT_MAX
+from ._sink import Sink, stable_id
+from ._state import StateFile
+
+__all__ = ["ARTIFACT_PREFIXES", "LibFuzzerWatcher", "StatusLine", "artifact_type",
+           "parse_status_line"]  # fmt: skip
+
+log = logging.getLogger("pfcollector.watch.libfuzzer")
+ARTIFACT_PREFIXES = ("crash", "leak", "timeout", "oom")
+_ARTIFACT = re.compile(r"^(crash|leak|timeout|oom)-[0-9A-Za-z]+$")
+_STATUS = re.compile(r"^#(\d+)\s+([A-Za-z]+)\s+(.*)$")
+_COV = re.compile(r"\bcov: (\d+)")
+_FT = re.compile(r"\bft: (\d+)")
+_CORP = re.compile(r"\bcorp: (\d+)/(\d+)(b|Kb|Mb)")
+_EXECS = re.compile(r"\bexec/s: (\d+)")
+_RSS = re.compile(r"\brss: (\d+)Mb")
+_UNITS = {"b": 1, "Kb": 1024, "Mb": 1024 * 1024}
+_LOG_CHUNK = 4 * 1024 * 1024  # at most this much log per scan
+
+
+def artifact_type(name: str) -> str | None:
+    """``"crash"``, ``"leak"``, ``"timeout"`` or ``"oom"`` for an artifact name, else None."""
+    m = _ARTIFACT.match(name)
+    return m.group(1) if m else None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusLine:
+    """One parsed libFuzzer status line."""
+
+    executions: int
+    event: str  # NEW, pulse, DONE, INITED, REDUCE, RELOAD...
+    cov: int | None
+    features: int | None
+    corpus_count: int | None
+    corpus_bytes: int | None
+    exec_per_second: int | None
+    rss_mb: int | None
+
+
+def parse_status_line(line: str) -> StatusLine | None:
+    """Parse ``#N EVENT cov: .. ft: .. corp: n/size exec/s: .. rss: ..Mb``; None otherwise."""
+    m = _STATUS.match(line.strip())
+    if m is None:
+        return None
+    rest = m.group(3)
+
+    def grab(rx: re.Pattern[str]) -> int | None:
+        found = rx.search(rest)
+        return int(found.group(1)) if found else None
+
+    corp = _CORP.search(rest)
+    return StatusLine(
+        executions=int(m.group(1)),
+        event=m.group(2),
+        cov=grab(_COV),
+        features=grab(_FT),
+        corpus_count=int(corp.group(1)) if corp else None,
+        corpus_bytes=int(corp.group(2)) * _UNITS[corp.group(3)] if corp else None,
+        exec_per_second=grab(_EXECS),
+        rss_mb=grab(_RSS),
+    )
+
+
+class LibFuzzerWatcher:
+    """One pass of :meth:`scan` sends new artifacts and the log's latest status, then commits."""
+
+    def __init__(self, artifact_dir: Path, sink: Sink, state: StateFile, log_path: Path | None,
+                 fuzzer: str = "libfuzzer", settle: float = 1.0) -> None:  # fmt: skip
+        self.artifact_dir = artifact_dir
+        self.sink = sink
+        self.state = state
+        self.log_path = log_path
+        self.fuzzer = fuzzer
+        self.settle = settle
+        self._where = str(artifact_dir.resolve())
+
+    def scan(self) -> int:
+        """Send what is new; return how many events were sent."""
+        try:
+            return self._artifacts() + self._log()
+        finally:
+            self.state.save()
+
+    def _artifacts(self) -> int:
+        done: list[str] = self.state.data.setdefault("artifacts", [])
+        seen, sent, now = set(done), 0, time.time()
+        try:
+            names = sorted(os.listdir(self.artifact_dir))
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            kind = artifact_type(name)
+            if kind is None or name in seen:
+                continue
+            path = self.artifact_dir / name
+            try:
+                if now - path.stat().st_mtime < self.settle:
+                    continue
+                with path.open("rb") as f:
+                    data = f.read(CRASH_INPUT_MAX + 1)
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            event_id = stable_id("lf", self._where, self.sink.job_id, name)
+            fields = {"type": kind, "input": data, "output": f"libFuzzer artifact {name}"}
+            self.sink.send(self.fuzzer, "crash", fields, event_id)  # waits for the durable ack
+            done.append(name)
+            seen.add(name)
+            sent += 1
+            log.info("artifact %s sent as %s", name, event_id)
+        return sent
+
+    def _log(self) -> int:
+        if self.log_path is None:
+            return 0
+        cursor: dict[str, Any] = self.state.data.setdefault("log", {})
+        try:
+            with self.log_path.open("rb") as f:
+                st = os.fstat(f.fileno())
+                identity = f"{st.st_dev}:{st.st_ino}"
+                if cursor.get("file") != identity or st.st_size < cursor.get("offset", 0):
+                    cursor.clear()
+                    cursor.update({"file": identity, "offset": 0, "cov": 0})
+                f.seek(cursor["offset"])
+                chunk = f.read(_LOG_CHUNK)
+        except FileNotFoundError:
+            return 0
+        end = chunk.rfind(b"\n") + 1
+        if end == 0:
+            return 0
+        last: StatusLine | None = None
+        for raw in chunk[:end].decode("utf-8", "replace").splitlines():
+            parsed = parse_status_line(raw)
+            if parsed is not None and parsed.cov is not None:
+                last = parsed
+        sent, new_cov = 0, cursor.get("cov", 0)
+        if last is not None:
+            stats = {"executions": last.executions,
+                     "exec_per_second": float(last.exec_per_second or 0),
+                     "covered_edges": last.cov or 0, "corpus_size": last.corpus_count or 0,
+                     "unique_crashes": len(self.state.data.get("artifacts", [])),
+                     "total_crashes": len(self.state.data.get("artifacts", [])),
+                     "memory_usage": (last.rss_mb or 0) * 1024 * 1024}  # fmt: skip
+            self.sink.send(self.fuzzer, "stats", stats)
+            sent += 1
+            if last.cov != cursor.get("cov"):
+                new_cov = last.cov or 0
+                self.sink.send(self.fuzzer, "coverage", {
+                    "edges": new_cov, "new_edges": max(0, new_cov - cursor.get("cov", 0)),
+                    "exec_count": last.executions})  # fmt: skip
+                sent += 1
+        self.sink.flush()
+        cursor["offset"] += end
+        cursor["cov"] = new_cov
+        return sent
