@@ -232,7 +232,8 @@ def encode(msg: ClientMessage | ServerMessage) -> bytes:
             obj["ts"] = msg.ts_ns / 1e9
         if msg.job_id is not None:
             obj["job_id"] = msg.job_id
-        obj.update(msg.fields)
+        # An optional field without a value (corpus ``contents``) is left out, not sent as nil.
+        obj.update((k, v) for k, v in msg.fields.items() if v is not None)
     elif isinstance(msg, Ack):
         obj = {"t": "ack", "seq": msg.seq}
     elif isinstance(msg, Hello):
@@ -532,9 +533,12 @@ class ServerConnection:
             return None
         view = memoryview(buf)[HEADER_SIZE:end]
         try:
+            # Stack traces and outputs are whatever the target printed: invalid UTF-8 becomes
+            # U+FFFD rather than costing the frame (and the connection) its crash.
             obj = msgpack.unpackb(view, raw=False, strict_map_key=True, use_list=True,
                                   max_array_len=_MAX_CONTAINER_LEN,
-                                  max_map_len=_MAX_CONTAINER_LEN)  # fmt: skip
+                                  max_map_len=_MAX_CONTAINER_LEN,
+                                  unicode_errors="replace")  # fmt: skip
         except Exception as exc:
             view.release()
             self._fail(FrameError("not_msgpack", f"frame of {size} bytes is not exactly one "
