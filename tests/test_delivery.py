@@ -33,8 +33,8 @@ FAST = {
 }
 
 
-async def eventually(pred: Callable[[], bool], timeout: float = 20.0) -> None:
-    with trio.fail_after(timeout):
+async def eventually(pred: Callable[[], bool], limit: float = 20.0) -> None:
+    with trio.fail_after(limit):
         while not pred():
             await trio.sleep(0.05)
 
@@ -153,7 +153,7 @@ async def test_flapping_master(daemon: Daemon, master: DevMaster) -> None:
         for start_at in range(0, 300, 50):
             assert await send_all(daemon, _renumber(events[start_at : start_at + 50])) == []
             await trio.sleep(0.1)
-    await eventually(lambda: daemon.spool.total_count == 0, timeout=30)
+    await eventually(lambda: daemon.spool.total_count == 0, limit=30)
     assert at_master(master) >= {e.id for e in events if e.id}
     status = await daemon.status()
     assert sum(k["retried"] for k in status["spool"]["kinds"].values()) > 0

@@ -2,16 +2,24 @@
 
 A daemon that cannot be reached is a one-line error and exit code 1, never a traceback;
 a bad setting is a one-line error naming the key and exit code 2.
+
+``serve`` and ``config show`` take the same setting flags (one signature, :func:`_setting_flags`,
+given to both by :func:`_with_setting_flags`), so ``config show`` prints exactly what ``serve``
+would run with. Precedence: flag > ``PFCOLLECTOR_<KEY>`` > TOML file > default
+(:mod:`pfcollector.config`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,10 +28,12 @@ import trio
 import typer
 
 from . import __version__
-from .config import Config, ConfigError, default_socket_path
+from .config import Config, ConfigError, Loaded, check_file, default_socket_path, load
+from .logs import setup_logging
 from .protocol import HEADER_SIZE, Control, ErrorMsg, Reply, encode, parse_server_message
+from .tools import register_tools
 
-__all__ = ["DaemonUnreachable", "app", "format_status", "main", "request"]
+__all__ = ["DaemonUnreachable", "app", "format_status", "format_watch", "main", "request"]
 
 app = typer.Typer(
     name="pfcollector",
@@ -33,6 +43,12 @@ app = typer.Typer(
 )
 dead_letters_app = typer.Typer(help="Batches the master refused as poison.", no_args_is_help=True)
 app.add_typer(dead_letters_app, name="dead-letters")
+config_app = typer.Typer(
+    help="The effective settings and where they come from; check a settings file.",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
+register_tools(app)  # pfcollector watch afl|libfuzzer, pfcollector send KIND
 
 SocketOpt = Annotated[
     Path | None,
@@ -105,81 +121,311 @@ def _ask(socket_path: Path | None, op: str, args: dict[str, Any] | None = None) 
         raise typer.Exit(1) from None
 
 
-@app.command()
-def serve(
-    socket_path: SocketOpt = None,
-    data_dir: Annotated[
+# -- settings flags, shared by `serve` and `config show` -----------------------------------
+
+_PANEL = "Settings (flag > PFCOLLECTOR_<KEY> > config file > default)"
+
+
+def _flag(*decls: str, help: str) -> Any:
+    return typer.Option(*decls, help=help, rich_help_panel=_PANEL, show_default=False)
+
+
+def _setting_flags(
+    config_file: Annotated[
         Path | None,
-        typer.Option(
-            help="Spool and crash inputs [default: "
-            "$PFCOLLECTOR_DATA_DIR or ~/.local/share/pfcollector]"
+        _flag(
+            "--config",
+            help="TOML settings file [default: $PFCOLLECTOR_CONFIG, else "
+            "/etc/pfcollector/pfcollector.toml, else $XDG_CONFIG_HOME/pfcollector/config.toml, "
+            "the first that exists]",
         ),
     ] = None,
-    master: Annotated[
-        str | None, typer.Option(help="PandaFuzz master URL; none = local mode")
+    socket_path: Annotated[
+        Path | None,
+        _flag(
+            "--socket",
+            help="Daemon socket [$PFCOLLECTOR_SOCKET, $XDG_RUNTIME_DIR/pfcollector.sock, "
+            "or /tmp/pfcollector-<uid>.sock]",
+        ),
     ] = None,
-    bot_id: Annotated[str | None, typer.Option(help="Bot id to report as")] = None,
-    register: Annotated[bool, typer.Option(help="Register with the master for a bot id")] = False,
+    data_dir: Annotated[
+        Path | None,
+        _flag("--data-dir", help="Spool and crash inputs [$XDG_DATA_HOME/pfcollector]"),
+    ] = None,
+    master_url: Annotated[
+        str | None, _flag("--master", help="PandaFuzz master URL [none: local mode]")
+    ] = None,
+    bot_id: Annotated[str | None, _flag("--bot-id", help="Bot id to report as")] = None,
+    register: Annotated[
+        bool | None,
+        _flag("--register/--no-register", help="Register with the master for a bot id"),
+    ] = None,
     token: Annotated[
         str | None,
-        typer.Option(envvar="PFCOLLECTOR_TOKEN", help="Bearer token for a master behind a proxy"),
+        _flag(
+            "--token",
+            help="Bearer token for a master behind a proxy (prefer $PFCOLLECTOR_TOKEN or "
+            "the file: flags show in ps)",
+        ),
     ] = None,
-    delivery_mode: Annotated[str, typer.Option(help="batch or item")] = "batch",
-    batch_size: Annotated[int, typer.Option()] = 100,
-    flush_interval: Annotated[float, typer.Option(help="Seconds")] = 10.0,
-    drain_deadline: Annotated[float, typer.Option(help="Seconds to deliver at shutdown")] = 30.0,
-    spool_max_bytes: Annotated[int, typer.Option()] = 1024**3,
-    max_connections: Annotated[int, typer.Option()] = 256,
-    retry_base: Annotated[float, typer.Option()] = 0.5,
-    retry_cap: Annotated[float, typer.Option()] = 30.0,
-    breaker_reset: Annotated[float, typer.Option()] = 1.0,
-    log_level: Annotated[str, typer.Option()] = "info",
+    delivery_mode: Annotated[
+        str | None, _flag("--delivery-mode", help="batch or item [batch]")
+    ] = None,
+    batch_size: Annotated[int | None, _flag("--batch-size", help="Events per batch [100]")] = None,
+    batch_bytes: Annotated[int | None, _flag("--batch-bytes", help="Bytes per batch [512 KiB]")] = (
+        None
+    ),
+    flush_interval: Annotated[
+        float | None, _flag("--flush-interval", help="Seconds a batch may wait [10]")
+    ] = None,
+    drain_deadline: Annotated[
+        float | None, _flag("--drain-deadline", help="Seconds to deliver at shutdown [30]")
+    ] = None,
+    spool_max_bytes: Annotated[
+        int | None, _flag("--spool-max-bytes", help="Spool size limit [1 GiB]")
+    ] = None,
+    max_connections: Annotated[
+        int | None, _flag("--max-connections", help="Client connections at most [256]")
+    ] = None,
+    senders: Annotated[int | None, _flag("--senders", help="Delivery workers [4]")] = None,
+    retry_attempts: Annotated[
+        int | None, _flag("--retry-attempts", help="Attempts per request [4]")
+    ] = None,
+    retry_base: Annotated[
+        float | None, _flag("--retry-base", help="First retry window, seconds [0.5]")
+    ] = None,
+    retry_cap: Annotated[
+        float | None, _flag("--retry-cap", help="Largest retry window, seconds [30]")
+    ] = None,
+    breaker_reset: Annotated[
+        float | None, _flag("--breaker-reset", help="First open period, seconds [1]")
+    ] = None,
+    http_timeout: Annotated[
+        float | None, _flag("--http-timeout", help="Seconds per request [10]")
+    ] = None,
+    coalesce: Annotated[
+        bool | None,
+        _flag("--coalesce/--no-coalesce", help="Merge stats and coverage between flushes [on]"),
+    ] = None,
+    crash_dedupe: Annotated[
+        bool | None,
+        _flag("--crash-dedupe/--no-crash-dedupe", help="Send a repeated crash once [on]"),
+    ] = None,
+    log_level: Annotated[
+        str | None, _flag("--log-level", help="debug, info, warning or error [info]")
+    ] = None,
+    log_format: Annotated[
+        str | None, _flag("--log-format", help="kv (key=value) or json [kv]")
+    ] = None,
+    metrics_addr: Annotated[
+        str | None,
+        _flag("--metrics-addr", help="Serve Prometheus metrics on HOST:PORT [off]"),
+    ] = None,
+    compression: Annotated[
+        str | None,
+        _flag(
+            "--compression",
+            help="none, gzip or zstd [none: the PandaFuzz master refuses compressed bodies]",
+        ),
+    ] = None,
+    compression_threshold: Annotated[
+        int | None,
+        _flag("--compression-threshold", help="Compress bodies of at least N bytes [1024]"),
+    ] = None,
 ) -> None:
-    """Run the daemon (local mode unless --master is given)."""
-    from .daemon import run_daemon
-    from .server import AddressInUse
-    from .spool import SpoolCorrupt
+    """The flags every setting command takes (only the signature is used)."""
 
-    _setup_logging(log_level)
-    values: dict[str, Any] = dict(
-        master_url=master,
-        bot_id=bot_id,
-        register=register,
-        token=token,
-        delivery_mode=delivery_mode,
-        batch_size=batch_size,
-        flush_interval=flush_interval,
-        drain_deadline=drain_deadline,
-        spool_max_bytes=spool_max_bytes,
-        max_connections=max_connections,
-        retry_base=retry_base,
-        retry_cap=retry_cap,
-        breaker_reset=breaker_reset,
-    )
-    if socket_path is not None:
-        values["socket_path"] = socket_path
-    if data_dir is not None:
-        values["data_dir"] = data_dir
+
+_SETTINGS = inspect.signature(_setting_flags, eval_str=True)
+
+
+def _with_setting_flags(func: Callable[..., None]) -> Callable[..., None]:
+    """Give a command every setting flag; they reach it as ``settings`` (name to value)."""
+    own = inspect.signature(func, eval_str=True)
+    params = [p for name, p in own.parameters.items() if name != "settings"]
+    params += list(_SETTINGS.parameters.values())
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> None:
+        settings = {name: kwargs.pop(name) for name in _SETTINGS.parameters}
+        func(settings=settings, **kwargs)
+
+    command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    return command
+
+
+def _load(settings: dict[str, Any]) -> tuple[Loaded, Callable[[], Config]]:
+    """The effective configuration (or exit 2 naming the key), and how to read it again."""
+    flags = {k: v for k, v in settings.items() if k != "config_file" and v is not None}
+    config_file: Path | None = settings.get("config_file")
     try:
-        config = Config(**values)
+        loaded = load(flags, config_file=config_file)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    return loaded, lambda: load(flags, config_file=config_file).config
+
+
+@app.command()
+@_with_setting_flags
+def serve(settings: dict[str, Any]) -> None:
+    """Run the daemon (local mode unless a master is configured).
+
+    SIGHUP re-reads the settings (batch_size, flush_interval and log_level change at once;
+    the rest need a restart). SIGTERM/SIGINT stop accepting, drain for up to
+    drain_deadline seconds, and exit 0. Under systemd socket activation (LISTEN_FDS) the
+    daemon listens on the socket it is given instead of binding one.
+    """
+    from .activation import ActivationError
+    from .server import AddressInUse
+    from .spool import SpoolCorrupt
+
+    loaded, reload = _load(settings)
+    config = loaded.config
+    setup_logging(config.log_level, config.log_format)
+    log = logging.getLogger(__name__)
+    log.info("settings file: %s", loaded.file or "none")
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    known = (AddressInUse, SpoolCorrupt, ActivationError, OSError)
     try:
-        trio.run(run_daemon, config)
-    except (AddressInUse, SpoolCorrupt, PermissionError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        trio.run(_run_daemon, config, reload)
+    except BaseExceptionGroup as group:
+        leaf = _first_leaf(group)
+        if not isinstance(leaf, known):
+            raise
+        typer.echo(f"error: {_one_line(leaf)}", err=True)
         raise typer.Exit(1) from None
+    except known as exc:
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        raise typer.Exit(1) from None
+
+
+async def _run_daemon(config: Config, reload: Callable[[], Config]) -> None:
+    from .daemon import Daemon
+
+    daemon = Daemon(config)
+    daemon.config_loader = reload
+    await daemon.run()
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
+        return exc.strerror  # AddressInUse(errno, message): the message without "[Errno 98]"
+    return str(exc) or type(exc).__name__
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+@config_app.command("show")
+@_with_setting_flags
+def config_show(
+    settings: dict[str, Any],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Print the effective settings and where each came from.
+
+    Takes the flags of `serve`, so it shows exactly what `serve` would run with. The text
+    output is valid TOML (secrets masked), fit to start a settings file from.
+    """
+    loaded, _ = _load(settings)
+    public = loaded.config.public()
+    if as_json:
+        out = {
+            "file": str(loaded.file) if loaded.file else None,
+            "warnings": list(loaded.warnings),
+            "settings": {k: {"value": public[k], "source": s} for k, s in loaded.sources.items()},
+        }
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"# settings file: {loaded.file or 'none'}")
+    typer.echo("# precedence: flag > environment PFCOLLECTOR_<KEY> > file > default")
+    for warning in loaded.warnings:
+        typer.echo(f"# warning: {warning}")
+    for key, source in loaded.sources.items():
+        value = public[key]
+        line = f"# {key} (unset)" if value is None else f"{key} = {_toml_value(key, value)}"
+        typer.echo(f"{line:<56} # {source}")
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="The TOML settings file", show_default=False)],
+) -> None:
+    """Check a settings file on its own: syntax, keys, types and allowed values."""
+    errors = check_file(file)
+    for exc in errors:
+        typer.echo(f"error: {exc}", err=True)
+    if errors:
+        raise typer.Exit(2)
+    typer.echo(f"{file}: ok")
+
+
+def _toml_value(key: str, value: Any) -> str:
+    if key == "socket_mode":
+        return str(value)  # "0o660" is an octal integer in TOML
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+# -- asking the daemon -----------------------------------------------------------------------
 
 
 @app.command()
 def status(
     socket_path: SocketOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Stable machine-readable output")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="A live view, refreshed in place until Ctrl-C")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes (--watch)")] = 2.0,
+    count: Annotated[int | None, typer.Option(hidden=True, help="Stop after N frames")] = None,
 ) -> None:
     """Ask the running daemon how it is doing."""
     result = _ask(socket_path, "status")
+    if watch:
+        _watch(socket_path, result, max(0.1, interval), count)
+        return
     typer.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else format_status(result))
+
+
+def _watch(
+    socket_path: Path | None, first: dict[str, Any], interval: float, count: int | None
+) -> None:
+    """Refresh until Ctrl-C (or ``count`` frames); a daemon gone away is shown, and retried."""
+    tty = sys.stdout.isatty()
+    prev: dict[str, Any] | None = None
+    cur = first
+    problem: str | None = None
+    shown = 0
+    try:
+        while True:
+            frame = format_watch(prev, cur, problem)
+            typer.echo(("\x1b[H\x1b[2J" + frame) if tty else frame + "\n")
+            shown += 1
+            if count is not None and shown >= count:
+                return
+            time.sleep(interval)
+            try:
+                latest = request(socket_path, "status")
+            except (DaemonUnreachable, RuntimeError) as exc:
+                problem = f"{exc} (retrying every {interval:g}s)"
+                continue
+            prev, cur, problem = cur, latest, None
+    except KeyboardInterrupt:
+        return
 
 
 @app.command()
@@ -239,11 +485,17 @@ def dev_master(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8080,
     db: Annotated[str | None, typer.Option(help="SQLite file (default: in memory)")] = None,
+    accept_compression: Annotated[
+        bool,
+        typer.Option(
+            help="Decode gzip/zstd request bodies (the PandaFuzz master answers 400 to them)"
+        ),
+    ] = False,
 ) -> None:
     """Run the reference PandaFuzz master (for trying pfcollector and for tests)."""
     from .devmaster import serve as serve_master
 
-    serve_master(host, port, db)
+    serve_master(host, port, db, accept_compression=accept_compression)
 
 
 @app.command()
@@ -310,25 +562,74 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-class _KeyValueFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage().replace('"', "'")
-        line = (
-            f"ts={self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} level={record.levelname.lower()} "
-            f'logger={record.name} msg="{msg}"'
+def format_watch(
+    prev: dict[str, Any] | None, cur: dict[str, Any], problem: str | None = None
+) -> str:
+    """One frame of ``status --watch``: per-kind rates since ``prev``, spool, breaker, errors.
+
+    Rates are counter deltas over the daemon's own uptime delta (blank on the first frame).
+    """
+    dt = cur["uptime_s"] - prev["uptime_s"] if prev is not None else 0.0
+    spool, conns = cur["spool"], cur["connections"]
+    where = "local mode" if cur["mode"] == "local" else f"master {cur['config']['master_url']}"
+    lines = [
+        f"pfcollector {cur['version']}  pid {cur['pid']}  up {_duration(cur['uptime_s'])}  "
+        f"{where}  {time.strftime('%H:%M:%S')}" + ("  DRAINING" if cur.get("draining") else ""),
+        "",
+        f"{'kind':<10}{'in/s':>9}{'out/s':>9}{'spooled':>10}{'oldest':>9}{'dead':>7}"
+        f"{'dropped':>9}{'received':>11}",
+    ]
+
+    def rate(new: float, old: float) -> str:
+        return f"{max(0.0, new - old) / dt:.1f}" if dt > 0 else "-"
+
+    for kind, ev in cur["events"].items():
+        sp = spool["kinds"].get(kind, {})
+        old_ev = prev["events"].get(kind, {}) if prev else {}
+        old_sp = prev["spool"]["kinds"].get(kind, {}) if prev else {}
+        age = sp.get("oldest_age_s")
+        lines.append(
+            f"{kind:<10}{rate(ev['received'], old_ev.get('received', 0)):>9}"
+            f"{rate(sp.get('delivered', 0), old_sp.get('delivered', 0)):>9}"
+            f"{sp.get('spooled', 0):>10}{'-' if age is None else _duration(age):>9}"
+            f"{sp.get('dead_letters', 0):>7}{sp.get('dropped', 0):>9}{ev['received']:>11}"
         )
-        if record.exc_info:
-            line += " exc=" + json.dumps(self.formatException(record.exc_info))
-        return line
+    used = spool["bytes"] / spool["max_bytes"] * 100 if spool["max_bytes"] else 0.0
+    lines += [
+        "",
+        f"spool  {spool['events']} events, {_bytes(spool['bytes'])} of "
+        f"{_bytes(spool['max_bytes'])} ({used:.1f}%)   queue {cur['queue']['depth']}/"
+        f"{cur['queue']['capacity']}   connections {conns['current']}",
+    ]
+    delivery = cur.get("delivery")
+    if delivery:
+        br, snd = delivery["breaker"], delivery["sender"]
+        retry = f" (probe in {br['retry_in']:.0f}s)" if br.get("retry_in") is not None else ""
+        lines.append(
+            f"breaker {br['state'].upper()}{retry}   requests {snd['requests']}  "
+            f"retries {snd['retries']}   last success {_when(snd['last_success']['wall'])}"
+        )
+        err = snd["last_error"]
+        lines.append(f"last error  {_when(err['wall'])}  {err['text'] or ''}".rstrip())
+    else:
+        lines.append("breaker -  (local mode: nothing is sent)")
+    if problem:
+        lines += ["", f"!! {problem}"]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_KeyValueFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    """Key=value logs at ``level`` (for subcommands outside ``serve``; see :mod:`.logs`)."""
+    setup_logging(level, "kv")
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,14 +27,16 @@ import trio
 
 from . import __version__
 from .breaker import CircuitBreaker
-from .config import Config
+from .config import Config, ConfigError, runtime_changes
 from .events import Kind
 from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, Pending
 from .inputs import InputStore
+from .logs import set_level
 from .master import RegisterError
+from .metrics import serve_metrics
 from .pipeline import BATCH_QUEUE_SIZE, BatchPolicy, Pipeline
 from .sender import Batch, RetryPolicy, Sender, TransientError, heartbeat_loop, register
-from .server import ConnectionInfo, Server
+from .server import ConnectionInfo, Limits, Server
 from .spool import Spool
 
 __all__ = ["CONTROL_OPS", "Daemon", "run_daemon"]
@@ -63,8 +65,16 @@ class Daemon:
             self.ingest_send,
             self.control,
             socket_mode=config.socket_mode,
-            max_frame=config.max_frame,
-            max_connections=config.max_connections,
+            socket_group=config.socket_gid,
+            limits=Limits(
+                max_frame=config.max_frame,
+                max_connections=config.max_connections,
+                idle_timeout=config.idle_timeout,
+                slow_sender_timeout=config.slow_sender_timeout,
+                rate_limit=config.rate_limit,
+                allowed_uids=config.allowed_uids,
+                allowed_gids=config.allowed_gids,
+            ),
             coalesce_interval=(lambda: self.policy.flush_interval) if config.coalesce else None,
         )
         self.pipeline = Pipeline(
@@ -73,6 +83,12 @@ class Daemon:
         self.sender: Sender | None = None
         self.bot_id = config.bot_id
         self.draining = False
+        self.stopping = False
+        # Shielded: a cancellation from outside must not cut the drain short; its deadline,
+        # or a second SIGTERM (skip_drain), does.
+        self._drain_scope = trio.CancelScope(shield=True)
+        #: Reads the settings again on SIGHUP (:meth:`reload`); the CLI sets it.
+        self.config_loader: Callable[[], Config] | None = None
 
     async def run(
         self,
@@ -84,13 +100,15 @@ class Daemon:
         config = self.config
         try:
             async with self._master_client() as http, trio.open_nursery() as delivery:
+                if config.metrics_addr is not None:
+                    await delivery.start(serve_metrics, self, config.metrics_addr)  # /metrics
                 if http is not None:
                     delivery.start_soon(self._deliver, http, delivery)  # spool -> master
+                if handle_signals:
+                    delivery.start_soon(self._on_signals)  # TERM/INT stop, HUP reloads
                 async with trio.open_nursery() as ingest:
                     ingest.start_soon(self.committer.run, self.ingest_recv)  # channel -> spool
                     await ingest.start(self.server.serve)  # socket -> channel
-                    if handle_signals:
-                        ingest.start_soon(self._stop_on_signal)
                     log.info(
                         "pfcollector %s listening on %s (%s mode, spool %s)",
                         __version__,
@@ -109,26 +127,39 @@ class Daemon:
 
     def stop(self) -> None:
         """Begin a graceful shutdown: stop accepting; :meth:`run` drains and returns."""
+        self.stopping = True
         self.server.stop()
 
-    async def _stop_on_signal(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    def skip_drain(self) -> None:
+        """End the drain now: what is undelivered stays in the spool for the next start."""
+        self._drain_scope.cancel()
+
+    async def _on_signals(self) -> None:
+        # Lives as long as the daemon (the delivery nursery), so a SIGHUP or a second SIGTERM
+        # during the drain is handled rather than killing the process.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                log.info(
-                    "%s: stopping, draining for up to %.1fs",
-                    signal.Signals(signum).name,
-                    self.config.drain_deadline,
-                )
-                self.stop()
-                return
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    self.reload()
+                elif not self.stopping:
+                    log.info("%s: stopping, draining for up to %.1fs", name,
+                             self.config.drain_deadline)  # fmt: skip
+                    self.stop()
+                else:
+                    log.warning("%s again: ending the drain; undelivered events stay in the "
+                                "spool for the next start", name)  # fmt: skip
+                    self.skip_drain()
 
     async def _drain(self) -> None:
         self.draining = True
         self.pipeline.flush_now()
-        with trio.move_on_after(self.config.drain_deadline, shield=True) as scope:
+        self._drain_scope.deadline = trio.current_time() + self.config.drain_deadline
+        with self._drain_scope as scope:
             await self.pipeline.wait_idle()
         if scope.cancelled_caught:
-            log.warning("drain deadline passed; undelivered events stay in the spool")
+            log.warning("drain ended (deadline or a second signal); %d undelivered event(s) "
+                        "stay in the spool for the next start", self.spool.total_count)
 
     @asynccontextmanager
     async def _master_client(self) -> AsyncIterator[httpx.AsyncClient | None]:
@@ -162,6 +193,8 @@ class Daemon:
             breaker=breaker,
             retry=RetryPolicy(config.retry_attempts, config.retry_base, config.retry_cap),
             token=config.token,
+            compression=config.compression,
+            compression_threshold=config.compression_threshold,
         )
         self.committer.on_commit(self.pipeline.notify)
         batch_send, batch_recv = trio.open_memory_channel[Batch](BATCH_QUEUE_SIZE)
@@ -244,6 +277,33 @@ class Daemon:
         self.pipeline.notify()
         log.info("tuned: %s", changes)
         return {"batch_size": self.policy.batch_size, "flush_interval": self.policy.flush_interval}
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the settings (SIGHUP) and apply what can change at run time.
+
+        ``batch_size`` and ``flush_interval`` go through :meth:`tune`, ``log_level`` to the
+        loggers; other changes are logged as waiting for a restart. Settings that do not
+        validate are logged and the running ones kept. Returns what was applied.
+        """
+        if self.config_loader is None:
+            log.warning("SIGHUP: no settings source to re-read; nothing changed")
+            return {}
+        try:
+            new = self.config_loader()
+        except (ConfigError, OSError) as exc:
+            log.error("SIGHUP: settings not reloaded, the running ones stay: %s", exc)
+            return {}
+        apply, restart = runtime_changes(self.config, new)
+        if restart:
+            log.warning("SIGHUP: %s changed; applied at the next restart", ", ".join(restart))
+        tuning = {k: v for k, v in apply.items() if k in ("batch_size", "flush_interval")}
+        if tuning:
+            self.tune(tuning)
+        if "log_level" in apply:
+            set_level(apply["log_level"])
+            self.config = dataclasses.replace(self.config, log_level=apply["log_level"])
+        log.info("SIGHUP: settings reloaded; applied %s", apply or "no change")
+        return apply
 
     async def _policies(self) -> dict[str, Any]:
         coalescer = self.server.coalescer

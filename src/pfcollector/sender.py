@@ -19,6 +19,7 @@ DEBUG until the master answers again (the Go bot wrote 111 MB of logs in 45 s of
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import itertools
 import logging
@@ -58,6 +59,8 @@ from pfcollector.master import (
 )
 
 __all__ = [
+    "COMPRESSIONS",
+    "REQUEST_BUCKETS",
     "Batch",
     "DeliveryResult",
     "RetryPolicy",
@@ -65,6 +68,7 @@ __all__ = [
     "SenderStats",
     "StatusFn",
     "TransientError",
+    "compress_body",
     "heartbeat_loop",
     "register",
     "user_agent",
@@ -85,6 +89,32 @@ def _version() -> str:
 
 
 _VERSION = _version()
+
+#: Upper bounds (seconds) of the request-latency buckets kept in :class:`SenderStats`.
+REQUEST_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: ``Content-Encoding`` choices; ``none`` sends bodies as they are (the PandaFuzz master
+#: answers 400 to any other encoding, so compression is for masters behind a decoding proxy).
+COMPRESSIONS = ("none", "gzip", "zstd")
+
+
+def compress_body(body: bytes, method: str, threshold: int) -> tuple[bytes, str | None]:
+    """``(content, Content-Encoding or None)``: ``body`` compressed when it is worth it.
+
+    Bodies under ``threshold`` bytes go as they are (small bodies do not gain), and so does a
+    body that compression would not shrink. ``zstd`` needs the ``zstandard`` package (the
+    configuration checks that at start).
+    """
+    if method == "none" or len(body) < threshold:
+        return body, None
+    if method == "gzip":
+        packed = gzip.compress(body, compresslevel=6, mtime=0)
+    elif method == "zstd":
+        import zstandard  # type: ignore[import-not-found,unused-ignore]  # optional
+
+        packed = zstandard.ZstdCompressor(level=3).compress(body)
+    else:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, not {method!r}")
+    return (packed, method) if len(packed) < len(body) else (body, None)
 
 
 def user_agent(bot_id: str | None) -> str:
@@ -228,6 +258,10 @@ class SenderStats:
 
     requests: int = 0
     retries: int = 0
+    batches: int = 0
+    batches_failed: int = 0
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(REQUEST_BUCKETS) + 1))
+    latency_sum: float = 0.0
     delivered: Counter[str] = field(default_factory=Counter)
     poisoned: Counter[str] = field(default_factory=Counter)
     requeued: Counter[str] = field(default_factory=Counter)
@@ -237,11 +271,28 @@ class SenderStats:
     last_error_wall: float | None = None
     last_error_trio: float | None = None
 
+    def observe_request(self, seconds: float) -> None:
+        """Count one request's duration in its latency bucket."""
+        i = next((i for i, b in enumerate(REQUEST_BUCKETS) if seconds <= b), len(REQUEST_BUCKETS))
+        self.latency_counts[i] += 1
+        self.latency_sum += seconds
+
+    def latency(self) -> dict[str, Any]:
+        """Latency as Prometheus wants it: cumulative ``(le, count)`` pairs and the sum."""
+        bounds = [*(f"{b:g}" for b in REQUEST_BUCKETS), "+Inf"]
+        cumulative, total = [], 0
+        for bound, n in zip(bounds, self.latency_counts, strict=True):
+            total += n
+            cumulative.append((bound, total))
+        return {"buckets": cumulative, "sum": self.latency_sum, "count": total}
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy."""
         return {
             "requests": self.requests,
             "retries": self.retries,
+            "batches": self.batches,
+            "batches_failed": self.batches_failed,
             "delivered": dict(self.delivered),
             "poisoned": dict(self.poisoned),
             "requeued": dict(self.requeued),
@@ -297,6 +348,8 @@ class Sender:
         retry: RetryPolicy = RetryPolicy(),
         token: str | None = None,
         item_concurrency: int = 8,
+        compression: Literal["none", "gzip", "zstd"] = "none",
+        compression_threshold: int = 1024,
     ) -> None:
         """Build a sender.
 
@@ -309,6 +362,10 @@ class Sender:
             retry: The retry policy of each request.
             token: A bearer token for a master behind an authenticating proxy.
             item_concurrency: Requests in flight at most when posting events one by one.
+            compression: ``Content-Encoding`` of bodies of ``compression_threshold`` bytes or
+                more (``none``, ``gzip``, ``zstd``). Size limits apply to the body before
+                compression, as the master decodes it.
+            compression_threshold: Bodies under this many bytes go uncompressed.
 
         Raises:
             ValueError: An argument is out of range.
@@ -319,12 +376,16 @@ class Sender:
             raise ValueError(f"mode must be 'batch' or 'item', not {mode!r}")
         if item_concurrency < 1:
             raise ValueError("item_concurrency must be at least 1")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}")
         self.client = client
         self.bot_id = bot_id
         self.mode = mode
         self.breaker = breaker
         self.retry = retry
         self.item_concurrency = item_concurrency
+        self.compression = compression
+        self.compression_threshold = compression_threshold
         self.stats = SenderStats()
         self._headers = _headers(bot_id, token)
         self._breaker_changed = trio.Event()
@@ -367,6 +428,9 @@ class Sender:
                 status if status is not None else "-, not sent",
                 text,
             )
+        self.stats.batches += 1
+        if result.requeue or result.poisoned:
+            self.stats.batches_failed += 1
         self.stats.delivered[kind] += len(result.delivered)
         self.stats.poisoned[kind] += len(result.poisoned)
         self.stats.requeued[kind] += len(result.requeue)
@@ -449,31 +513,44 @@ class Sender:
     ) -> Outcome:
         """POST ``body`` with retries; a :class:`Transient` only once attempts are used up."""
         retrying = _retrying(self.retry, give_up=lambda: run.gave_up, on_retry=self._on_retry)
+        content, encoding = compress_body(body, self.compression, self.compression_threshold)
+        headers = dict(self._headers)
+        if encoding is not None:
+            headers["Content-Encoding"] = encoding
         outcome: Outcome | None = None
         try:
             async for attempt in retrying:
                 with attempt:
-                    outcome = await self._attempt(kind, path, body, events, run)
+                    outcome = await self._attempt(kind, path, content, headers, events, run)
         except TransientError as exc:
             return Transient(exc.reason, exc.retry_after)
         assert outcome is not None  # tenacity ends the loop only after a successful attempt
         return outcome
 
     async def _attempt(
-        self, kind: Kind, path: str, body: bytes, events: Sequence[Event], run: _Run
+        self,
+        kind: Kind,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        events: Sequence[Event],
+        run: _Run,
     ) -> Outcome:
         await self._gate(run)
         probe = self.breaker.state(trio.current_time()) is BreakerState.HALF_OPEN
         settled = False
         self.stats.requests += 1
         try:
+            started = time.perf_counter()
             try:
-                response = await self.client.post(path, content=body, headers=self._headers)
+                response = await self.client.post(path, content=body, headers=headers)
             except httpx.RequestError as exc:  # transport errors, and redirects/decoding
                 settled = True
                 reason = _describe(exc)
                 self._record_failure(reason)
                 raise TransientError(reason) from exc
+            finally:
+                self.stats.observe_request(time.perf_counter() - started)
             outcome = classify(
                 response.status_code,
                 response.headers,

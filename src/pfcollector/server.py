@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket as stdlib_socket
 import stat
@@ -32,6 +33,7 @@ from typing import Any
 import trio
 
 from . import __version__
+from .activation import listen_socket
 from .events import Event, Kind
 from .ingest import AckTracker, Pending
 from .policies import COALESCED_KINDS, Coalescer
@@ -50,7 +52,15 @@ from .protocol import (
     encode,
 )
 
-__all__ = ["READ_SIZE", "AddressInUse", "ConnectionInfo", "IngestStats", "Server", "bind_unix"]
+__all__ = [
+    "READ_SIZE",
+    "AddressInUse",
+    "ConnectionInfo",
+    "IngestStats",
+    "Limits",
+    "Server",
+    "bind_unix",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +68,38 @@ log = logging.getLogger(__name__)
 READ_SIZE = 256 * 1024
 #: Seconds a stopping daemon gives each connection to send its final acks.
 CLOSE_GRACE = 5.0
+#: Seconds a connection closed for a fatal error keeps reading (and discarding) its input.
+LINGER = 1.0
 _LISTEN_BACKLOG = 512
 _PEERCRED = struct.Struct("3i")
 
 ControlHandler = Callable[[str, dict[str, Any], "ConnectionInfo"], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one connection may do (docs/security.md). ``0`` switches a timeout or the cap off.
+
+    Every violation is answered with a fatal error naming the limit, counted in ``status``,
+    and costs only that connection.
+    """
+
+    max_frame: int = 16 * 1024 * 1024
+    max_connections: int = 256
+    #: Seconds a connection may stay silent between frames.
+    idle_timeout: float = 3600.0
+    #: Seconds a frame may take from its first byte to its last.
+    slow_sender_timeout: float = 30.0
+    #: Events per second per connection (a token bucket holding one second's worth).
+    rate_limit: float = 200_000.0
+    allowed_uids: frozenset[int] | None = None
+    allowed_gids: frozenset[int] | None = None
+
+    def allows(self, uid: int, gid: int) -> bool:
+        """May a peer with these credentials connect? (Either list admits it.)"""
+        if self.allowed_uids is None and self.allowed_gids is None:
+            return True
+        return uid in (self.allowed_uids or ()) or gid in (self.allowed_gids or ())
 
 
 class AddressInUse(OSError):
@@ -154,14 +192,16 @@ class Server:
         control: ControlHandler,
         *,
         socket_mode: int = 0o660,
-        max_frame: int = 16 * 1024 * 1024,
-        max_connections: int = 256,
+        socket_group: int | None = None,
+        limits: Limits = Limits(),
         coalesce_interval: Callable[[], float] | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
-        self.max_frame = max_frame
-        self.max_connections = max_connections
+        self.socket_group = socket_group
+        self.limits = limits
+        self.max_frame = limits.max_frame
+        self.max_connections = limits.max_connections
         self.stats = IngestStats()
         self.connections: dict[int, ConnectionInfo] = {}
         self._ingest = ingest
@@ -186,8 +226,18 @@ class Server:
 
         The ingest channel is closed on return, so the group commit knows nothing more comes.
         """
-        sock = bind_unix(self.socket_path, self.socket_mode)
-        self._inode = os.stat(self.socket_path).st_ino
+        inherited = listen_socket()  # systemd socket activation (LISTEN_FDS), else None
+        if inherited is not None:
+            # systemd made the socket file and owns it: never chmod, chown or unlink it
+            # (_inode stays None, so _remove_socket_file leaves it).
+            sock = trio.socket.from_stdlib_socket(inherited)
+            self.socket_path = Path(inherited.getsockname())
+            log.info("listening on %s, passed by systemd (socket activation)", self.socket_path)
+        else:
+            sock = bind_unix(self.socket_path, self.socket_mode)
+            if self.socket_group is not None:
+                os.chown(self.socket_path, -1, self.socket_group)
+            self._inode = os.stat(self.socket_path).st_ino
         listener = trio.SocketListener(sock)
         async with self._ingest, listener:
             async with trio.open_nursery() as handlers:
@@ -242,19 +292,28 @@ class Server:
                 await stream.send_all(encode(msg))
 
         async with stream:
-            if len(self.connections) >= self.max_connections:
-                self.stats.errors["too_many_connections"] += 1
+            refusal = None
+            if not self.limits.allows(uid, gid):
+                refusal = ErrorMsg(
+                    "peer_not_allowed",
+                    f"uid {uid} gid {gid} is not in the daemon's allow_uids/allow_gids",
+                    fatal=True,
+                )
+                log.warning("refused pid %d uid %d gid %d: not allowed", pid, uid, gid)
+            elif len(self.connections) >= self.max_connections:
+                refusal = ErrorMsg(
+                    "too_many_connections",
+                    f"the daemon has {self.max_connections} connections, its limit",
+                    fatal=True,
+                )
+            if refusal is not None:
+                self.stats.errors[refusal.code] += 1
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await send(
-                        ErrorMsg(
-                            "too_many_connections",
-                            f"the daemon has {self.max_connections} connections, its limit",
-                            fatal=True,
-                        )
-                    )
+                    await send(refusal)
                 return
             self.connections[info.id] = info
             tracker = AckTracker()
+            fatal = False
             try:
                 with trio.CancelScope() as closing:
                     async with trio.open_nursery() as nursery:
@@ -264,17 +323,22 @@ class Server:
                             if self._stopping:
                                 reading.cancel()
                             try:
-                                await self._read(stream, info, tracker, send)
+                                fatal = await self._read(stream, info, tracker, send)
                             finally:
                                 self._readers.discard(reading)
                         # Let the acker send the final acks, but never wait forever for a
                         # client that does not read them.
                         closing.deadline = trio.current_time() + CLOSE_GRACE
                         tracker.close()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except* (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client went away; what it sent before is settled all the same
+            except* Exception as group:  # a bug must cost one connection, never the daemon
+                self.stats.errors["internal_error"] += 1
+                log.error("connection %d (pid %d) failed", info.id, info.pid, exc_info=group)
             finally:
                 del self.connections[info.id]
+            if fatal:
+                await self._linger(stream)
 
     async def _acker(
         self, tracker: AckTracker, send: Callable[[ServerMessage], Awaitable[None]]
@@ -296,10 +360,24 @@ class Server:
         info: ConnectionInfo,
         tracker: AckTracker,
         send: Callable[[ServerMessage], Awaitable[None]],
-    ) -> None:
+    ) -> bool:
+        """Read and dispatch until EOF (False) or a fatal error was sent (True)."""
         conn = ServerConnection(max_frame=self.max_frame)
+        limits = self.limits
+        frame_started: float | None = None  # when the frame now being received began
+        tokens, refilled = limits.rate_limit, trio.current_time()
         while True:
-            data = await stream.receive_some(READ_SIZE)
+            if frame_started is None:
+                deadline = _after(trio.current_time(), limits.idle_timeout)
+            else:
+                deadline = _after(frame_started, limits.slow_sender_timeout)
+            data = None
+            with trio.move_on_at(deadline):
+                data = await stream.receive_some(READ_SIZE)
+            if data is None:
+                code, message = _timeout_error(frame_started, limits)
+                await self._violation(info, send, ErrorMsg(code, message, fatal=True))
+                return True
             conn.receive_data(data)
             while True:
                 try:
@@ -312,13 +390,23 @@ class Server:
                         tracker.handled(exc.seq)
                     continue
                 except ProtocolError as exc:  # fatal: the framing is lost, close
-                    self.stats.errors[exc.code] += 1
-                    log.info("closing connection %d (pid %d): %s", info.id, info.pid, exc.message)
-                    await send(exc.to_message())
-                    return
+                    await self._violation(info, send, exc.to_message())
+                    return True
                 if msg is None:
                     break
                 if isinstance(msg, EventMsg):
+                    if limits.rate_limit:
+                        now = trio.current_time()
+                        tokens = min(
+                            limits.rate_limit, tokens + (now - refilled) * limits.rate_limit
+                        )
+                        refilled = now
+                        if tokens < 1:
+                            await self._violation(info, send, ErrorMsg("rate_limited", (
+                                f"more than {limits.rate_limit:g} events/s on one connection"
+                            ), fatal=True))  # fmt: skip
+                            return True
+                        tokens -= 1
                     await self._accept_event(msg, conn, info, tracker)
                 elif isinstance(msg, Hello):
                     info.job_id, info.fuzzer = msg.job_id, msg.fuzzer
@@ -326,7 +414,34 @@ class Server:
                 elif isinstance(msg, Control):
                     await send(await self._answer(msg, info))
             if not data:
-                return
+                return False
+            # Part of a frame is here: the rest must follow within slow_sender_timeout.
+            frame_started = (frame_started or trio.current_time()) if conn.pending_bytes else None
+
+    async def _violation(
+        self,
+        info: ConnectionInfo,
+        send: Callable[[ServerMessage], Awaitable[None]],
+        error: ErrorMsg,
+    ) -> None:
+        """Count a fatal error and tell the client; the caller closes the connection."""
+        self.stats.errors[error.code] += 1
+        log.info("closing connection %d (pid %d): %s", info.id, info.pid, error.message)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await send(error)
+
+    @staticmethod
+    async def _linger(stream: trio.SocketStream) -> None:
+        """Half-close, then discard what the client still sends for a moment, then close.
+
+        Closing a Unix socket with unread input resets the peer, which may then never read the
+        error that says why it was dropped; a client mid-write needs this to see it.
+        """
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_eof()
+            with trio.move_on_after(LINGER):
+                while await stream.receive_some(READ_SIZE):
+                    pass
 
     async def _accept_event(
         self, msg: EventMsg, conn: ServerConnection, info: ConnectionInfo, tracker: AckTracker
@@ -371,6 +486,19 @@ class Server:
         except (LookupError, ValueError, TypeError) as exc:
             return Reply(msg.req, False, error=str(exc))
         return Reply(msg.req, True, result=result)
+
+
+def _after(start: float, timeout: float) -> float:
+    return start + timeout if timeout > 0 else math.inf
+
+
+def _timeout_error(frame_started: float | None, limits: Limits) -> tuple[str, str]:
+    if frame_started is None:
+        return "idle_timeout", f"no frame for {limits.idle_timeout:g}s (idle_timeout)"
+    return "slow_sender", (
+        f"a frame was not complete {limits.slow_sender_timeout:g}s after its first byte "
+        "(slow_sender_timeout)"
+    )
 
 
 def _kind_of(exc: MessageError) -> str:

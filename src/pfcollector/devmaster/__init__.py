@@ -7,7 +7,8 @@ benchmarks and ``pfcollector dev-master`` run against the same behaviour:
 * ``POST /api/v1/results/crash|coverage|corpus``: lenient (unknown fields ignored, any
   Content-Type); ``job_id``/``bot_id`` required (400), Go typing (``11.0`` for an int is 400),
   RFC 3339 timestamps (400), ``files`` null or missing is 500; limits 10 MiB for a crash,
-  100 MiB for corpus, 1 MiB otherwise (413); ``Content-Encoding: gzip`` is 400.
+  100 MiB for corpus, 1 MiB otherwise (413); ``Content-Encoding: gzip`` is 400
+  (``DevMaster(accept_compression=True)`` decodes gzip and zstd bodies instead).
 * ``POST /api/v1/results/status``: any JSON object, kept in ``status_posts``.
 * ``POST /api/v1/results/batch``: strict (unknown field anywhere 400, Content-Type exactly
   ``application/json`` else 415); a store failure answers 200 with ``errors`` such as

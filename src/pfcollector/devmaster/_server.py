@@ -76,6 +76,8 @@ class DevMaster:
         host: Address to listen on.
         port: Port, 0 for any free one (kept across :meth:`Faults.down_for`).
         db_path: SQLite file, or None for an in-memory database.
+        accept_compression: Decode gzip (and zstd) request bodies instead of refusing them
+            with 400 as the PandaFuzz master does.
 
     Attributes:
         faults: The fault injection controls.
@@ -89,9 +91,15 @@ class DevMaster:
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, db_path: str | Path | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        db_path: str | Path | None = None,
+        *,
+        accept_compression: bool = False,
     ) -> None:
         self.host = host
+        self.accept_compression = accept_compression
         self.port = port
         self._db_path = db_path
         self._lock = threading.RLock()
@@ -113,7 +121,12 @@ class DevMaster:
             if self._app is not None:
                 raise RuntimeError("DevMaster already started")
             store = Store(self._db_path)
-            app = App(store=store, faults=self.faults, control=self)
+            app = App(
+                store=store,
+                faults=self.faults,
+                control=self,
+                accept_compression=self.accept_compression,
+            )
             try:
                 self._app, self._store = app, store
                 self._listen()
@@ -230,13 +243,14 @@ class DevMaster:
         return 0 if app is None else app.requests_seen()
 
 
-def serve(host: str, port: int, db_path: str | None) -> None:
+def serve(host: str, port: int, db_path: str | None, *, accept_compression: bool = False) -> None:
     """Run a :class:`DevMaster` until Ctrl-C or SIGTERM, printing its URL first.
 
     Args:
         host: Address to listen on.
         port: Port (0 for any free one; the URL printed shows which).
         db_path: SQLite file, or None for an in-memory database.
+        accept_compression: Decode compressed request bodies (see :class:`DevMaster`).
 
     Error handling:
         Raises ``OSError`` when the port cannot be bound.
@@ -248,7 +262,7 @@ def serve(host: str, port: int, db_path: str | None) -> None:
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        with DevMaster(host, port, db_path) as master:
+        with DevMaster(host, port, db_path, accept_compression=accept_compression) as master:
             print(
                 f"pfcollector dev-master listening on {master.url} (db: {db_path or ':memory:'})",
                 flush=True,
@@ -275,9 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--db", default=None, help="SQLite file (default: in memory)")
+    parser.add_argument(
+        "--accept-compression", action="store_true", help="decode gzip/zstd request bodies"
+    )
     args = parser.parse_args(argv)
     try:
-        serve(args.host, args.port, args.db)
+        serve(args.host, args.port, args.db, accept_compression=args.accept_compression)
     except OSError as exc:
         print(f"dev-master: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,156 @@
+"""The command line against a live daemon: status, watch, tune, flush, dead letters, errors.
+
+Rules of this module: commands run through typer's ``CliRunner`` in a worker thread
+(``trio.to_thread``) while the daemon runs in this test's trio run, since the commands block on
+the socket; every failure path is checked to be one line on stderr and exit code 1 (a daemon
+that is not there) or 2 (a bad setting), never a traceback; logging is restored after commands
+that configure it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from typer.testing import CliRunner, Result
+
+from pfcollector.cli import app, format_watch
+from pfcollector.daemon import Daemon
+from pfcollector.events import Kind
+from pfcollector.protocol import Ack
+from tests.wire import RawClient, event
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+async def cli(*args: str) -> Result:
+    return await trio.to_thread.run_sync(lambda: runner.invoke(app, list(args)))
+
+
+async def feed(daemon: Daemon, n: int) -> None:
+    client = await RawClient.connect(daemon.config.socket_path)
+    await client.hello()
+    for seq in range(1, n + 1):
+        await client.send(event(seq, Kind.COVERAGE if seq % 2 else Kind.CRASH))
+    with trio.fail_after(10):
+        while not isinstance(msg := await client.recv(), Ack) or msg.seq < n:
+            pass
+    await client.aclose()
+
+
+async def test_status_tune_flush_dead_letters(local_daemon: Daemon) -> None:
+    sock = str(local_daemon.config.socket_path)
+    await feed(local_daemon, 4)
+    result = await cli("status", "--socket", sock)
+    assert result.exit_code == 0, result.output
+    assert "local mode (no master)" in result.output and "coverage" in result.output
+    status = json.loads((await cli("status", "--socket", sock, "--json")).output)
+    assert status["events"]["crash"]["accepted"] == 2 and status["spool"]["events"] == 4
+
+    result = await cli("tune", "--socket", sock, "--batch-size", "7", "--flush-interval", "0.5")
+    assert json.loads(result.output) == {"batch_size": 7, "flush_interval": 0.5}
+    assert local_daemon.policy.batch_size == 7
+    result = await cli("tune", "--socket", sock, "--batch-size", "0")
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: batch_size: must be between 1 and 10000, got 0"
+
+    assert (await cli("flush", "--socket", sock)).output.strip() == "flushing"
+    assert (await cli("dead-letters", "list", "--socket", sock)).output.strip() == (
+        "no dead letters"
+    )
+    result = await cli("dead-letters", "retry", "--socket", sock)
+    assert result.output.strip() == "requeued 0 event(s)"
+
+
+async def test_status_watch_shows_rates(local_daemon: Daemon) -> None:
+    sock = str(local_daemon.config.socket_path)
+    result = await cli("status", "--socket", sock, "--watch", "--interval", "0.1", "--count", "2")
+    assert result.exit_code == 0, result.output
+    frames = result.output.split("pfcollector 0.1.0  pid")[1:]
+    assert len(frames) == 2
+    assert "in/s" in frames[0] and "local mode: nothing is sent" in frames[1]
+
+
+def test_format_watch_rates_from_counter_deltas() -> None:
+    def snap(uptime: float, received: int, delivered: int) -> dict[str, object]:
+        return {
+            "version": "0",
+            "pid": 1,
+            "uptime_s": uptime,
+            "mode": "master",
+            "draining": False,
+            "config": {"master_url": "http://m"},
+            "connections": {"current": 2},
+            "queue": {"depth": 0, "capacity": 8},
+            "events": {"crash": {"received": received}},
+            "spool": {
+                "events": 3,
+                "bytes": 512,
+                "max_bytes": 1024,
+                "kinds": {"crash": {"delivered": delivered, "spooled": 3, "oldest_age_s": 75}},
+            },
+            "delivery": {
+                "breaker": {"state": "open", "retry_in": 4.2},
+                "sender": {
+                    "requests": 9,
+                    "retries": 3,
+                    "last_success": {"wall": None},
+                    "last_error": {"wall": None, "text": "HTTP 503"},
+                },
+            },
+        }
+
+    frame = format_watch(snap(10, 100, 50), snap(12, 300, 60), "gone")
+    crash = next(line for line in frame.splitlines() if line.startswith("crash"))
+    assert crash.split()[1:5] == ["100.0", "5.0", "3", "75s"]
+    assert "breaker OPEN (probe in 4s)" in frame and "HTTP 503" in frame
+    assert "(50.0%)" in frame and "!! gone" in frame
+    assert format_watch(None, snap(12, 300, 60)).splitlines()[3].split()[1:3] == ["-", "-"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["status", "--watch"],
+        ["tune", "--batch-size", "5"],
+        ["flush"],
+        ["dead-letters", "list"],
+        ["dead-letters", "retry"],
+    ],
+)
+def test_no_daemon_is_one_line_and_exit_1(sock_dir: Path, args: list[str]) -> None:
+    path = sock_dir / "none.sock"
+    result = runner.invoke(app, [*args, "--socket", str(path)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: no pfcollector daemon at {path}")
+
+
+async def test_serve_on_a_taken_socket_is_one_line_and_exit_1(
+    local_daemon: Daemon, tmp_path: Path
+) -> None:
+    # A real process: CliRunner's capture does not keep log lines and errors apart reliably.
+    sock = str(local_daemon.config.socket_path)
+    cmd = [sys.executable, "-m", "pfcollector", "serve", "--socket", sock,
+           "--data-dir", str(tmp_path / "other")]  # fmt: skip
+    result = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+    err = result.stderr.decode()
+    assert result.returncode == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: another pfcollector daemon is already listening on {sock}"]
+    assert "Traceback" not in err
