@@ -345,13 +345,21 @@ class Server:
     ) -> None:
         while True:
             await tracker.wait_changed()
+            # Take the errors and the ack point together: while the errors are being sent,
+            # a later group may settle, and its ack must not overtake its own errors.
             errors, tracker.errors = tracker.errors, []
+            ready = tracker.ack_ready
             for seq, code, message in errors:
                 await send(ErrorMsg(code, message, seq=seq))
-            if tracker.ack_ready > tracker.acked:
-                tracker.acked = tracker.ack_ready
-                await send(Ack(tracker.acked))
-            if tracker.closing and not tracker.unsettled and not tracker.errors:
+            if ready > tracker.acked:
+                tracker.acked = ready
+                await send(Ack(ready))
+            if (
+                tracker.closing
+                and not tracker.unsettled
+                and not tracker.errors
+                and tracker.acked >= tracker.ack_ready
+            ):
                 return
 
     async def _read(
