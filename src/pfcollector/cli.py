@@ -48,6 +48,8 @@ config_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(config_app, name="config")
+spool_app = typer.Typer(help="The durable spool on disk.", no_args_is_help=True)
+app.add_typer(spool_app, name="spool")
 register_tools(app)  # pfcollector watch afl|libfuzzer, pfcollector send KIND
 
 SocketOpt = Annotated[
@@ -478,6 +480,36 @@ def dead_letters_retry(
     """Put dead letters back in line for delivery (after fixing what the master refused)."""
     result = _ask(socket_path, "dead_letters_retry", {"ids": ids} if ids else {})
     typer.echo(f"requeued {result['requeued']} event(s)")
+
+
+@spool_app.command("check")
+def spool_check(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Data directory [default: as serve: $PFCOLLECTOR_DATA_DIR, ...]"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Check the spool's integrity and count what it holds (read-only; safe while running).
+
+    Exit 0 when the spool is sound, 1 when it is missing, unreadable or corrupt.
+    """
+    from .config import default_data_dir
+    from .spool import check_spool
+
+    report = check_spool((data_dir or default_data_dir()) / "spool.db")
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        typer.echo(f"spool {report['path']}: {report['integrity']}")
+        if report["exists"] and "kinds" in report:
+            typer.echo(f"file: {_bytes(report['file_bytes'])} on disk")
+            for kind, row in sorted(report["kinds"].items()):
+                typer.echo(f"  {kind:<9} {row['events']:>10} events {_bytes(row['bytes']):>12}")
+            for kind, n in sorted(report["dead_letters"].items()):
+                typer.echo(f"  {kind:<9} {n:>10} dead letters")
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 @app.command("dev-master")

@@ -37,7 +37,7 @@ from .metrics import serve_metrics
 from .pipeline import BATCH_QUEUE_SIZE, BatchPolicy, Pipeline
 from .sender import Batch, RetryPolicy, Sender, TransientError, heartbeat_loop, register
 from .server import ConnectionInfo, Limits, Server
-from .spool import Spool
+from .spool import open_spool
 
 __all__ = ["CONTROL_OPS", "Daemon", "run_daemon"]
 
@@ -54,7 +54,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_at = time.time()
-        self.spool = Spool(config.spool_path, max_bytes=config.spool_max_bytes)
+        self.spool = open_spool(config.spool_path, config.spool_max_bytes)
         self.inputs = InputStore(config.inputs_dir)
         self.inputs.clean()
         self.ingest_send, self.ingest_recv = trio.open_memory_channel[Pending](INGEST_QUEUE_SIZE)
@@ -158,8 +158,11 @@ class Daemon:
         with self._drain_scope as scope:
             await self.pipeline.wait_idle()
         if scope.cancelled_caught:
-            log.warning("drain ended (deadline or a second signal); %d undelivered event(s) "
-                        "stay in the spool for the next start", self.spool.total_count)
+            log.warning(
+                "drain ended (deadline or a second signal); %d undelivered event(s) "
+                "stay in the spool for the next start",
+                self.spool.total_count,
+            )
 
     @asynccontextmanager
     async def _master_client(self) -> AsyncIterator[httpx.AsyncClient | None]:
@@ -352,6 +355,7 @@ class Daemon:
                 "events": self.spool.total_count,
                 "bytes": self.spool.total_bytes,
                 "max_bytes": self.spool.max_bytes,
+                "write_error": self.committer.failing,
                 "kinds": spool_status,
             },
             "policies": await self._policies(),

@@ -16,7 +16,9 @@ Error handling:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import sqlite3
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,6 +131,8 @@ class GroupCommitter:
         self.spool = spool
         self.inputs = inputs
         self.crash_dedupe = crash_dedupe
+        #: The error code while writes fail (a full disk, say), None while they work.
+        self.failing: str | None = None
         self.groups = 0
         self.committed = 0
         self._listeners: list[Callable[[], None]] = []
@@ -159,12 +163,18 @@ class GroupCommitter:
         try:
             # Not cancellable: a commit that started finishes, so its acks are true.
             results = await trio.to_thread.run_sync(self._write, group)
-        except (OSError, Exception) as exc:  # the disk, not the producer, failed
-            log.error("spool write failed for %d events: %s", len(group), exc)
-            failure = ("spool_write_failed", f"the daemon could not store the event: {exc}")
+        except (OSError, sqlite3.Error) as exc:  # the disk, not the producer, failed
+            failure = _write_failure(exc)
+            if self.failing is None:  # one line per outage, not one per group
+                log.error("spool write failed (%s): %s; events are refused until it recovers",
+                          failure[0], exc)  # fmt: skip
+            self.failing = failure[0]
             for item in group:
                 item.tracker.settle(item.seq, failure)
             return
+        if self.failing is not None:
+            log.warning("spool writes work again (after %s)", self.failing)
+            self.failing = None
         self.groups += 1
         for item, result in zip(group, results, strict=True):
             if result is None:
@@ -204,6 +214,18 @@ class GroupCommitter:
             keys.append(dedupe)
         self.inputs.sync_dirs()
         return self.spool.append(events, sizes, keys)
+
+
+def _write_failure(exc: BaseException) -> tuple[str, str]:
+    text = str(exc)
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(exc, sqlite3.OperationalError) and "full" in text
+    )
+    if full:
+        return "disk_full", (
+            f"the spool's disk is full ({text}); the event was not stored: retry later"
+        )
+    return "spool_write_failed", f"the daemon could not store the event ({text}): retry later"
 
 
 _REFUSALS = {

@@ -67,14 +67,18 @@ class InputStore:
             tmp = final.with_name(f"{digest}.{os.getpid()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a full disk must not keep half an input
+                raise
             self._dirty_dirs.add(final.parent)
         return StoredInput((digest, len(data), str(final)))
 
