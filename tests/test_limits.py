@@ -10,6 +10,7 @@ import contextlib
 import os
 import struct
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -20,6 +21,13 @@ from pfcollector.events import Kind
 from pfcollector.protocol import Ack, ErrorMsg, Welcome
 
 from .wire import RawClient, event
+
+
+def limited(make_config: Callable[..., Config], **limits: Any) -> Config:
+    """A config with only the limits under test: under the autojump clock, virtual time jumps
+    while a status query waits on its worker thread, so an unrelated hour-long idle timeout
+    would fire. Timeouts not named are off."""
+    return make_config(**{"idle_timeout": 0, "slow_sender_timeout": 0, **limits})
 
 
 async def start(nursery: trio.Nursery, config: Config) -> Daemon:
@@ -47,7 +55,7 @@ async def test_idle_timeout(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, make_config(idle_timeout=60.0))
+    daemon = await start(nursery, limited(make_config, idle_timeout=60.0))
     quiet = await RawClient.connect(daemon.config.socket_path)
     await quiet.hello()
     start_time = trio.current_time()
@@ -64,7 +72,7 @@ async def test_slow_sender_half_a_frame(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, make_config(slow_sender_timeout=5.0, idle_timeout=0))
+    daemon = await start(nursery, limited(make_config, slow_sender_timeout=5.0, idle_timeout=0))
     slow = await RawClient.connect(daemon.config.socket_path)
     good = await RawClient.connect(daemon.config.socket_path)
     assert isinstance(await slow.hello(), Welcome)
@@ -84,7 +92,7 @@ async def test_trickling_bytes_do_not_reset_the_frame_clock(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, make_config(slow_sender_timeout=5.0, idle_timeout=0))
+    daemon = await start(nursery, limited(make_config, slow_sender_timeout=5.0, idle_timeout=0))
     slow = await RawClient.connect(daemon.config.socket_path)
     await slow.hello()
     await slow.send_raw(struct.pack(">I", 100))
@@ -105,7 +113,7 @@ async def test_rate_limit(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, make_config(rate_limit=100.0))
+    daemon = await start(nursery, limited(make_config, rate_limit=100.0))
     fast = await RawClient.connect(daemon.config.socket_path)
     await fast.hello()
     for seq in range(1, 101):  # the bucket holds one second's worth
@@ -129,7 +137,7 @@ async def test_uid_allowlist(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     me = os.getuid()
-    daemon = await start(nursery, make_config(allow_uids=f"{me + 4242}"))
+    daemon = await start(nursery, limited(make_config, allow_uids=f"{me + 4242}"))
     client = await RawClient.connect(daemon.config.socket_path)
     error = await fatal_error(client)
     assert error.code == "peer_not_allowed"
@@ -143,7 +151,9 @@ async def test_gid_allowlist_admits(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, make_config(allow_uids="4242", allow_gids=str(os.getgid())))
+    daemon = await start(
+        nursery, limited(make_config, allow_uids="4242", allow_gids=str(os.getgid()))
+    )
     client = await RawClient.connect(daemon.config.socket_path)
     assert isinstance(await client.hello(), Welcome)
     status = await daemon.status()
@@ -158,7 +168,7 @@ async def test_max_connections(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, make_config(max_connections=2))
+    daemon = await start(nursery, limited(make_config, max_connections=2))
     first = await RawClient.connect(daemon.config.socket_path)
     second = await RawClient.connect(daemon.config.socket_path)
     await first.hello()
@@ -177,7 +187,7 @@ async def test_socket_group(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, make_config(socket_group=str(os.getgid())))
+    daemon = await start(nursery, limited(make_config, socket_group=str(os.getgid())))
     assert daemon.config.socket_path.stat().st_gid == os.getgid()
     daemon.stop()
 
