@@ -26,6 +26,7 @@ import httpx
 import trio
 
 from . import __version__
+from .bots import heartbeat_loop, register
 from .breaker import CircuitBreaker
 from .config import Config, ConfigError, runtime_changes
 from .events import Kind
@@ -35,7 +36,7 @@ from .logs import set_level
 from .master import RegisterError
 from .metrics import serve_metrics
 from .pipeline import BATCH_QUEUE_SIZE, BatchPolicy, Pipeline
-from .sender import Batch, RetryPolicy, Sender, TransientError, heartbeat_loop, register
+from .sender import Batch, RetryPolicy, Sender, TransientError
 from .server import ConnectionInfo, Limits, Server
 from .spool import open_spool
 

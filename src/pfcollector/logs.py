@@ -35,37 +35,35 @@ def _timestamp(record: logging.LogRecord) -> str:
     return logging.Formatter().formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{record.msecs:03.0f}"
 
 
-class KeyValueFormatter(logging.Formatter):
+class _FieldsFormatter(logging.Formatter):
+    def fields(self, record: logging.LogRecord) -> dict[str, Any]:
+        """The keys both formats share, in their order."""
+        fields: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **_extras(record),
+        }
+        if record.exc_info:
+            fields["exc"] = self.formatException(record.exc_info)
+        return fields
+
+
+class KeyValueFormatter(_FieldsFormatter):
     """``ts=... level=info logger=pfcollector.daemon msg="..." key=value``."""
 
     def format(self, record: logging.LogRecord) -> str:
         """One line per record."""
-        fields: dict[str, Any] = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-            **_extras(record),
-        }
-        if record.exc_info:
-            fields["exc"] = self.formatException(record.exc_info)
-        return " ".join(f"{k}={_kv_value(v)}" for k, v in fields.items())
+        return " ".join(f"{k}={_kv_value(v)}" for k, v in self.fields(record).items())
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_FieldsFormatter):
     """One JSON object per line with the same keys as :class:`KeyValueFormatter`."""
 
     def format(self, record: logging.LogRecord) -> str:
         """One line per record."""
-        fields: dict[str, Any] = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-            **_extras(record),
-        }
-        if record.exc_info:
-            fields["exc"] = self.formatException(record.exc_info)
+        fields = self.fields(record)
         return json.dumps(fields, default=str, separators=(",", ":"))
 
 

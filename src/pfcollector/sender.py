@@ -19,28 +19,23 @@ DEBUG until the master answers again (the Go bot wrote 111 MB of logs in 45 s of
 
 from __future__ import annotations
 
-import gzip
-import importlib.metadata
 import itertools
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import httpx
 import tenacity
 import trio
-from tenacity.stop import stop_base
-from tenacity.wait import wait_base
 
-from pfcollector.breaker import BreakerState, CircuitBreaker
-from pfcollector.events import BATCH_KINDS, STATUS_KINDS, Event, Kind
-from pfcollector.master import (
+from .breaker import BreakerState, CircuitBreaker
+from .events import BATCH_KINDS, STATUS_KINDS, Event, Kind
+from .master import (
     BATCH_PATH,
-    REGISTER_PATH,
     Delivered,
     EncodeError,
     Outcome,
@@ -49,15 +44,22 @@ from pfcollector.master import (
     Transient,
     classify,
     encode_batches,
-    heartbeat_body,
-    heartbeat_path,
     item_request,
-    parse_register,
-    parse_retry_after,
-    register_body,
-    transient_status,
+)
+from .transport import (
+    COMPRESSIONS,
+    DEFAULT_RETRY,
+    RetryPolicy,
+    TransientError,
+    compress_body,
+    describe,
+    request_headers,
+    retry_controller,
+    user_agent,
 )
 
+# RetryPolicy, TransientError, compress_body and user_agent are re-exported: the sender's
+# callers configure it with them.
 __all__ = [
     "COMPRESSIONS",
     "REQUEST_BUCKETS",
@@ -66,160 +68,15 @@ __all__ = [
     "RetryPolicy",
     "Sender",
     "SenderStats",
-    "StatusFn",
     "TransientError",
     "compress_body",
-    "heartbeat_loop",
-    "register",
     "user_agent",
 ]
 
 log = logging.getLogger(__name__)
 
-#: ``status_fn`` of :func:`heartbeat_loop`: ``(status, current_job, last_activity_ns)``, or
-#: just the status (then no current job, and the last activity is now).
-StatusFn = Callable[[], str | tuple[str, str | None, int]]
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("pfcollector")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-_VERSION = _version()
-
 #: Upper bounds (seconds) of the request-latency buckets kept in :class:`SenderStats`.
 REQUEST_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-#: ``Content-Encoding`` choices; ``none`` sends bodies as they are (the PandaFuzz master
-#: answers 400 to any other encoding, so compression is for masters behind a decoding proxy).
-COMPRESSIONS = ("none", "gzip", "zstd")
-
-
-def compress_body(body: bytes, method: str, threshold: int) -> tuple[bytes, str | None]:
-    """``(content, Content-Encoding or None)``: ``body`` compressed when it is worth it.
-
-    Bodies under ``threshold`` bytes go as they are (small bodies do not gain), and so does a
-    body that compression would not shrink. ``zstd`` needs the ``zstandard`` package (the
-    configuration checks that at start).
-    """
-    if method == "none" or len(body) < threshold:
-        return body, None
-    if method == "gzip":
-        packed = gzip.compress(body, compresslevel=6, mtime=0)
-    elif method == "zstd":
-        import zstandard  # type: ignore[import-not-found,unused-ignore]  # optional
-
-        packed = zstandard.ZstdCompressor(level=3).compress(body)
-    else:
-        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, not {method!r}")
-    return (packed, method) if len(packed) < len(body) else (body, None)
-
-
-def user_agent(bot_id: str | None) -> str:
-    """The ``User-Agent`` pfcollector sends: ``pfcollector/<version> (bot <bot_id>)``."""
-    return f"pfcollector/{_VERSION}" + (f" (bot {bot_id})" if bot_id else "")
-
-
-def _headers(bot_id: str | None, token: str | None) -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "User-Agent": user_agent(bot_id)}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    return headers
-
-
-class TransientError(Exception):
-    """A request failed in a way worth retrying: no answer, 5xx, 408 or 429.
-
-    The only exception tenacity retries. Raised out of :func:`register` once attempts are
-    exhausted; inside :class:`Sender` it becomes ``requeue``.
-
-    Attributes:
-        reason: Short text for logs and status.
-        retry_after: Seconds the master asked to wait, if it did.
-    """
-
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How one request is retried.
-
-    Attributes:
-        attempts: Attempts in all (the first included).
-        base: The first full-jitter window in seconds; it doubles each retry.
-        cap: Largest window. A ``Retry-After`` beyond it is not slept through: the request
-            gives up at once and its ids are requeued with that hint.
-    """
-
-    attempts: int = 4
-    base: float = 0.5
-    cap: float = 30.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1 or self.base < 0 or self.cap < self.base:
-            raise ValueError("need attempts >= 1 and 0 <= base <= cap")
-
-
-class _WaitJitterOrRetryAfter(wait_base):
-    """Full-jitter exponential wait, but never less than the master's ``Retry-After``."""
-
-    def __init__(self, policy: RetryPolicy) -> None:
-        self._jitter = tenacity.wait_random_exponential(multiplier=policy.base, max=policy.cap)
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        wait = self._jitter(retry_state)
-        hint = _retry_after_of(retry_state)
-        return wait if hint is None else max(wait, hint)
-
-
-class _StopWhen(stop_base):
-    """Stop retrying when ``predicate`` says so (a hint beyond the cap, a delivery given up)."""
-
-    def __init__(self, predicate: Callable[[tenacity.RetryCallState], bool]) -> None:
-        self._predicate = predicate
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        return self._predicate(retry_state)
-
-
-def _retry_after_of(retry_state: tenacity.RetryCallState) -> float | None:
-    outcome = retry_state.outcome
-    exc = outcome.exception() if outcome is not None and outcome.failed else None
-    return exc.retry_after if isinstance(exc, TransientError) else None
-
-
-def _retrying(
-    policy: RetryPolicy,
-    *,
-    give_up: Callable[[], bool] | None = None,
-    on_retry: Callable[[tenacity.RetryCallState], None] | None = None,
-) -> tenacity.AsyncRetrying:
-    """A fresh retry controller (they hold per-call state: one per request)."""
-    stop: stop_base = tenacity.stop_after_attempt(policy.attempts) | _StopWhen(
-        lambda rs: (_retry_after_of(rs) or 0.0) > policy.cap
-    )
-    if give_up is not None:
-        stop = stop | _StopWhen(lambda rs: give_up())
-    return tenacity.AsyncRetrying(
-        stop=stop,
-        wait=_WaitJitterOrRetryAfter(policy),
-        # Only our own, positively named error: never anything that could be trio.Cancelled.
-        retry=tenacity.retry_if_exception_type(TransientError),
-        sleep=trio.sleep,
-        before_sleep=on_retry,
-        reraise=True,
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -345,7 +202,7 @@ class Sender:
         bot_id: str,
         mode: Literal["batch", "item"] = "batch",
         breaker: CircuitBreaker,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
         token: str | None = None,
         item_concurrency: int = 8,
         compression: Literal["none", "gzip", "zstd"] = "none",
@@ -387,7 +244,7 @@ class Sender:
         self.compression = compression
         self.compression_threshold = compression_threshold
         self.stats = SenderStats()
-        self._headers = _headers(bot_id, token)
+        self._headers = request_headers(bot_id, token)
         self._breaker_changed = trio.Event()
         self._failed_attempts = 0
         if breaker.on_transition is None:
@@ -512,7 +369,9 @@ class Sender:
         self, kind: Kind, path: str, body: bytes, events: Sequence[Event], run: _Run
     ) -> Outcome:
         """POST ``body`` with retries; a :class:`Transient` only once attempts are used up."""
-        retrying = _retrying(self.retry, give_up=lambda: run.gave_up, on_retry=self._on_retry)
+        retrying = retry_controller(
+            self.retry, give_up=lambda: run.gave_up, on_retry=self._on_retry
+        )
         content, encoding = compress_body(body, self.compression, self.compression_threshold)
         headers = dict(self._headers)
         if encoding is not None:
@@ -546,7 +405,7 @@ class Sender:
                 response = await self.client.post(path, content=body, headers=headers)
             except httpx.RequestError as exc:  # transport errors, and redirects/decoding
                 settled = True
-                reason = _describe(exc)
+                reason = describe(exc)
                 self._record_failure(reason)
                 raise TransientError(reason) from exc
             finally:
@@ -624,100 +483,3 @@ class Sender:
             log.info("circuit breaker closed: the master answers")
         else:
             log.debug("circuit breaker half-open: probing the master")
-
-
-# -- bot endpoints -------------------------------------------------------------------------
-
-
-async def register(
-    client: httpx.AsyncClient,
-    *,
-    hostname: str,
-    name: str,
-    capabilities: Sequence[str],
-    api_endpoint: str,
-    token: str | None = None,
-    retry: RetryPolicy = RetryPolicy(),
-) -> str:
-    """Register with the master and return the ``bot_id`` it made.
-
-    Error handling:
-        No answer, 5xx, 408 and 429 are retried per ``retry``; then :class:`TransientError`.
-        A refusal, or an answer without a ``bot_id``, raises
-        :class:`pfcollector.master.RegisterError` at once. A bad argument is ``ValueError``.
-    """
-    body = register_body(hostname, name, capabilities, api_endpoint)
-    headers = _headers(None, token)
-    async for attempt in _retrying(retry):
-        with attempt:
-            try:
-                response = await client.post(REGISTER_PATH, content=body, headers=headers)
-            except httpx.RequestError as exc:
-                raise TransientError(_describe(exc)) from exc
-            status = response.status_code
-            if transient_status(status):
-                hint = parse_retry_after(
-                    response.headers.get("Retry-After"),
-                    response.headers.get("Date"),
-                    wall_now=time.time(),
-                )
-                raise TransientError(f"HTTP {status}", hint)
-            bot_id = parse_register(status, response.content)
-            log.info("registered with the master as bot %s", bot_id)
-            return bot_id
-    raise AssertionError("unreachable: tenacity either returns or raises")
-
-
-async def heartbeat_loop(
-    client: httpx.AsyncClient,
-    bot_id: str,
-    *,
-    interval: float,
-    status_fn: StatusFn,
-    token: str | None = None,
-) -> NoReturn:
-    """Post a heartbeat every ``interval`` seconds (trio time), forever.
-
-    Args:
-        client: The HTTP client of the master.
-        bot_id: The bot whose heartbeat this is.
-        interval: Seconds between heartbeats.
-        status_fn: Called before each heartbeat for ``(status, current_job,
-            last_activity_ns)``, or only the status (see :data:`StatusFn`).
-        token: A bearer token for a master behind an authenticating proxy.
-
-    Error handling:
-        Nothing stops the loop but cancellation. A failed heartbeat is not retried (the next
-        one is the retry); the first failure is a WARNING, repeats are DEBUG, recovery INFO.
-    """
-    if interval <= 0:
-        raise ValueError("interval must be positive")
-    path = heartbeat_path(bot_id)
-    headers = _headers(bot_id, token)
-    failures = 0
-    next_at = trio.current_time()
-    while True:
-        problem: str | None = None
-        try:
-            state = status_fn()
-            if isinstance(state, str):
-                state = (state, None, time.time_ns())
-            body = heartbeat_body(*state)
-            response = await client.post(path, content=body, headers=headers)
-            if not 200 <= response.status_code < 300:
-                problem = f"HTTP {response.status_code}"
-                if response.status_code == 404:
-                    problem += " (the master does not know this bot: was it reset?)"
-        except httpx.RequestError as exc:
-            problem = _describe(exc)
-        except Exception as exc:  # a bug in status_fn must not end the heartbeats
-            problem = f"cannot build the heartbeat: {_describe(exc)}"
-        if problem is not None:
-            failures += 1
-            level = logging.WARNING if failures == 1 else logging.DEBUG
-            log.log(level, "heartbeat failed (%d in a row): %s", failures, problem)
-        elif failures:
-            log.info("heartbeat accepted again after %d failures", failures)
-            failures = 0
-        next_at = max(next_at + interval, trio.current_time())  # no burst to catch up
-        await trio.sleep_until(next_at)
