@@ -266,3 +266,26 @@ def _peer() -> Any:
     from pfcollector.server import ConnectionInfo
 
     return ConnectionInfo(0, 0, 0, 0, 0.0)
+
+
+async def test_register_then_deliver_under_the_masters_bot_id(
+    make_config: Callable[..., Config], master: DevMaster
+) -> None:
+    config = make_config(master_url=master.url, register=True, **FAST)
+    events = mix(20)
+    async with trio.open_nursery() as nursery:
+        daemon = await start(nursery, config)
+        assert await send_all(daemon, events) == []
+        await eventually(lambda: daemon.spool.total_count == 0)
+        (bot,) = master.bots()
+        assert daemon.bot_id == bot["id"]
+        await eventually(lambda: master.bots()[0]["status"] in ("idle", "busy"))  # heartbeat
+        daemon.stop()
+    crash = next(r for r in master.rows("crash") if r["id"] == "e-5")
+    assert crash["bot_id"] == bot["id"]
+    async with trio.open_nursery() as nursery:  # a restart keeps the bot id it was given
+        daemon = await start(nursery, config)
+        await eventually(lambda: daemon.sender is not None)
+        assert daemon.bot_id == bot["id"]
+        assert len(master.bots()) == 1
+        daemon.stop()
