@@ -367,3 +367,37 @@ async def test_e2e_real_afl_crash_reaches_master(
         daemon.stop()
     finally:
         master.stop()
+
+
+@pytest.mark.parametrize("code", ["spool_full", "disk_full", "spool_write_failed"])
+def test_not_now_refusals_are_retried_not_skipped(
+    monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    from pfclient import EventRejected
+    from pfcollector.watch import _sink
+
+    sink = Sink(None, "job-1")
+    monkeypatch.setattr(Sink, "_client", lambda self, fuzzer: object())
+
+    def refuse(*args: Any, **kwargs: Any) -> str:
+        raise EventRejected(code, "not now", 1)
+
+    monkeypatch.setattr(_sink, "submit", refuse)
+    with pytest.raises(EventRejected):  # the watcher backs off; its place is not advanced
+        sink.send("afl++/main", "crash", {"type": "SIGSEGV", "input": b"x"}, "id-1")
+    assert sink.rejected == 0
+
+
+def test_a_bad_event_is_poison_and_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pfclient import EventRejected
+    from pfcollector.watch import _sink
+
+    sink = Sink(None, "job-1")
+    monkeypatch.setattr(Sink, "_client", lambda self, fuzzer: object())
+
+    def refuse(*args: Any, **kwargs: Any) -> str:
+        raise EventRejected("wrong_type", "field 'signal' must be an integer", 1)
+
+    monkeypatch.setattr(_sink, "submit", refuse)
+    sink.send("afl++/main", "crash", {"type": "SIGSEGV", "input": b"x"}, "id-1")
+    assert sink.rejected == 1

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-from pfclient import DaemonUnavailable, FlushTimeout
+from pfclient import DaemonUnavailable, EventRejected, FlushTimeout
 
 from ._sink import Sink
 
@@ -41,11 +41,13 @@ def run_loop(scan: Callable[[], int], sink: Sink, interval: float, once: bool = 
         while not stop.is_set():
             try:
                 sent = scan()
-            except (DaemonUnavailable, FlushTimeout) as exc:
+            except (DaemonUnavailable, FlushTimeout, EventRejected) as exc:
+                # EventRejected reaches here only for "not now" refusals (spool full, disk
+                # full): the sink poisons the rest. Either way the place is not advanced.
                 if once:
                     log.error("%s", exc)
                     return False
-                log.warning("daemon unavailable, retrying in %.1fs: %s", backoff, exc)
+                log.warning("daemon cannot take events, retrying in %.1fs: %s", backoff, exc)
                 stop.wait(backoff)
                 backoff = min(max(backoff, 0.1) * 2, BACKOFF_CAP)
                 continue

@@ -29,6 +29,9 @@ from pfclient import Client, EventRejected, PfClientError
 __all__ = ["Sink", "stable_id", "submit"]
 
 log = logging.getLogger("pfcollector.watch")
+#: Refusals that say "not now" (the daemon's disk or spool), not "never": the event is sent
+#: again later, and the watcher's place is not advanced past it.
+RETRY_LATER = frozenset({"spool_full", "disk_full", "spool_write_failed"})
 _CLOSE_TIMEOUT = 2.0
 
 
@@ -68,6 +71,9 @@ class Sink:
         try:
             submit(client, kind, fields, event_id=event_id)
         except EventRejected as exc:
+            if exc.code in RETRY_LATER:
+                self.reset()
+                raise  # the watcher backs off and resends from its state: nothing skipped
             self._poison(fuzzer, kind, exc)
         except PfClientError:
             self.reset()
@@ -80,8 +86,12 @@ class Sink:
                 seen = len(client.rejected)
                 try:
                     client.flush()
-                except EventRejected:
-                    for exc in client.rejected[seen:]:
+                except EventRejected as first:
+                    refused = client.rejected[seen:] or [first]
+                    later = next((e for e in refused if e.code in RETRY_LATER), None)
+                    if later is not None:
+                        raise later from first  # not stored now: resend, never skip
+                    for exc in refused:
                         self._poison(fuzzer, "event", exc)
         except PfClientError:
             self.reset()
