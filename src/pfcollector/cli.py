@@ -497,7 +497,11 @@ def spool_check(
     from .config import default_data_dir
     from .spool import check_spool
 
-    report = check_spool((data_dir or default_data_dir()) / "spool.db")
+    try:  # the data directory as serve resolves it: flag, env, settings file, default
+        resolved = load({"data_dir": data_dir}).config.data_dir
+    except ConfigError:
+        resolved = data_dir or default_data_dir()
+    report = check_spool(resolved / "spool.db")
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -527,7 +531,11 @@ def dev_master(
     """Run the reference PandaFuzz master (for trying pfcollector and for tests)."""
     from .devmaster import serve as serve_master
 
-    serve_master(host, port, db, accept_compression=accept_compression)
+    try:
+        serve_master(host, port, db, accept_compression=accept_compression)
+    except OSError as exc:
+        typer.echo(f"error: cannot serve on {host}:{port}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -223,6 +223,7 @@ class Daemon:
                     name=f"pfcollector-{socket.gethostname()}",
                     capabilities=["pfcollector", "afl", "libfuzzer"],
                     api_endpoint=f"http://{socket.gethostname()}",
+                    token=self.config.token,
                 )
             except (httpx.HTTPError, TransientError, RegisterError, ValueError) as exc:
                 log.warning(
@@ -245,6 +246,7 @@ class Daemon:
             self.bot_id,
             interval=self.config.heartbeat_interval,
             status_fn=lambda: "busy" if self.server.connections else "idle",
+            token=self.config.token,
         )
 
     # -- control -------------------------------------------------------------------------

@@ -133,6 +133,8 @@ class GroupCommitter:
         self.crash_dedupe = crash_dedupe
         #: The error code while writes fail (a full disk, say), None while they work.
         self.failing: str | None = None
+        #: The last group had events refused for want of room (logged once per episode).
+        self.full = False
         self.groups = 0
         self.committed = 0
         self._listeners: list[Callable[[], None]] = []
@@ -176,6 +178,13 @@ class GroupCommitter:
             log.warning("spool writes work again (after %s)", self.failing)
             self.failing = None
         self.groups += 1
+        refused = sum(result is not None for result in results)
+        if refused and not self.full:
+            log.warning("spool is full (spool_max_bytes): refusing crash and corpus events, "
+                        "dropping the oldest stats and coverage")  # fmt: skip
+        elif not refused and self.full:
+            log.info("spool has room again")
+        self.full = bool(refused)
         for item, result in zip(group, results, strict=True):
             if result is None:
                 self.committed += 1
@@ -204,8 +213,11 @@ class GroupCommitter:
                 files = list(event.fields["files"])
                 if item.input is not None:  # contents: dedupe by what the files hold
                     hashes = [self.inputs.put(data).sha256 for data in item.input]
-                    size = sum(len(data) for data in item.input)
-                    event = dataclasses.replace(event, fields={**event.fields, "hashes": hashes})
+                    entry_sizes = [len(data) for data in item.input]
+                    size = sum(entry_sizes)
+                    fields = {**event.fields, "hashes": hashes, "sizes": entry_sizes}
+                    fields["total_size"] = size  # measured, not what the producer claimed
+                    event = dataclasses.replace(event, fields=fields)
                     dedupe = [f"sha256:{h}" for h in hashes]
                 else:
                     dedupe = [f"name:{name}" for name in files]

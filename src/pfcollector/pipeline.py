@@ -152,7 +152,9 @@ class Pipeline:
                 if item is None:
                     continue
                 attempts = item.attempts + 1
-                self._held[id_] = item = Spooled(item.seq, item.event, item.size, attempts)
+                self._held[id_] = item = Spooled(
+                    item.seq, item.event, item.size, attempts, item.wire_size
+                )
                 delay = min(self.retry_cap, self.retry_base * 2 ** min(attempts, 16))
                 if result.retry_after is not None:
                     delay = max(delay, result.retry_after)
@@ -202,7 +204,7 @@ class Pipeline:
         if group is None:
             group = self._groups[item.event.kind, item.event.job_id] = _Group(since=now)
         group.items.append(item)
-        group.nbytes += item.size
+        group.nbytes += item.wire_size
 
     def _release_due_retries(self, now: float) -> None:
         while self._retry and (self._retry[0][0] <= now or self._flush_all):
@@ -220,11 +222,11 @@ class Pipeline:
                 take, nbytes = 0, 0
                 for item in group.items:
                     if take and (
-                        take >= policy.batch_size or nbytes + item.size > policy.batch_bytes
+                        take >= policy.batch_size or nbytes + item.wire_size > policy.batch_bytes
                     ):
                         break
                     take += 1
-                    nbytes += item.size
+                    nbytes += item.wire_size
                 chosen, group.items = group.items[:take], group.items[take:]
                 group.nbytes -= nbytes
                 group.since = now

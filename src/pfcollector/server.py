@@ -350,6 +350,7 @@ class Server:
             errors, tracker.errors = tracker.errors, []
             ready = tracker.ack_ready
             for seq, code, message in errors:
+                self.stats.errors[code] += 1  # spool_full, disk_full: refused after accept
                 await send(ErrorMsg(code, message, seq=seq))
             if ready > tracker.acked:
                 tracker.acked = ready

@@ -113,8 +113,12 @@ class Spooled:
 
     seq: int
     event: Event
+    #: Bytes counted against the spool limit (the event, plus a crash input stored aside).
     size: int
     attempts: int
+    #: Bytes of the event's own fields: what the batch byte budget counts (inputs are not
+    #: part of the master's JSON).
+    wire_size: int = 0
 
 
 class Spool:
@@ -215,7 +219,7 @@ class Spool:
                 self._bump(delta)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 self._reload_totals()
                 raise
         return results
@@ -248,9 +252,11 @@ class Spool:
             return None
         if ev.kind is Kind.CORPUS and len(keep) < len(keys):
             fields = dict(ev.fields)
-            for name in ("files", "hashes"):
+            for name in ("files", "hashes", "sizes"):
                 if name in fields:
                     fields[name] = [fields[name][j] for j in keep]
+            if "sizes" in fields:  # known when the producer sent the bytes
+                fields["total_size"] = sum(fields["sizes"])
             ev = dataclasses.replace(ev, fields=fields)
         return ev, fresh
 
@@ -350,7 +356,7 @@ class Spool:
                 self._bump(delta)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 self._reload_totals()
                 raise
         return removed
@@ -374,7 +380,7 @@ class Spool:
                 self._bump(delta)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
 
     # -- dead letters --------------------------------------------------------------------
@@ -419,7 +425,7 @@ class Spool:
                 self._bump(delta)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 self._reload_totals()
                 raise
         return len(rows)
@@ -504,7 +510,7 @@ def _spooled(row: tuple[Any, ...]) -> Spooled:
         peer_pid=pid,
         peer_uid=uid,
     )
-    return Spooled(seq=seq, event=event, size=size, attempts=attempts)
+    return Spooled(seq=seq, event=event, size=size, attempts=attempts, wire_size=len(body))
 
 
 def open_spool(path: Path, max_bytes: int) -> Spool:
@@ -569,3 +575,10 @@ def check_spool(path: Path) -> dict[str, Any]:
     }
     report["dead_letters"] = dict(dead)
     return report
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    # After SQLITE_FULL (a full disk) SQLite may have rolled back already; a ROLLBACK then
+    # raises "no transaction is active" and would hide the error that matters.
+    if db.in_transaction:
+        db.execute("ROLLBACK")
