@@ -1,5 +1,9 @@
 """The blocking, thread-safe pfcollector client that fuzz harnesses embed.
 
+The protocol bookkeeping (seqs, the unacknowledged queue, acks, rejections, replies, the
+welcome) is the sans-I/O :class:`pfclient._session.Session`, shared with the async clients;
+this module adds the socket I/O, the lock, the waiting and the reconnect policy.
+
 Resource handling:
     A :class:`Client` owns one Unix socket. It starts no thread (harnesses fork): every call does
     its own I/O under one lock, and after each send it reads whatever acks are already waiting,
@@ -24,75 +28,23 @@ import threading
 import time
 import uuid
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from ._errors import DaemonUnavailable, EventRejected, FlushTimeout, PfClientError
-from ._wire import (
-    HEADER_SIZE,
-    PROTOCOL_VERSION,
-    FrameBuffer,
-    WireError,
-    default_socket_path,
-    encode_frame,
-)
+from ._session import REJECTED_KEEP, Session, check_lifecycle
+from ._status import open_socket, path_of, status
+from ._wire import WireError
 
 __all__ = ["REJECTED_KEEP", "Client", "status"]
 
-#: Most rejections :attr:`Client.rejected` keeps (the oldest are dropped first).
-REJECTED_KEEP = 1024
-_DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 _READ_SIZE = 64 * 1024
 _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)  # no SIGPIPE, ever
-_LIFECYCLE = ("started", "stopped", "error", "timeout")
-_SEQ_PLACEHOLDER = 2**63 - 1  # widest seq encoding, to size a frame before it has its seq
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 class _Broken(Exception):
     """The connection is unusable (internal; turned into a reconnect)."""
-
-
-class _Pending:
-    __slots__ = ("body", "done", "error", "id", "seq", "waited")
-
-    def __init__(self, event_id: str, body: dict[str, Any], waited: bool) -> None:
-        self.id = event_id
-        self.body = body
-        self.seq = 0  # on the current connection; 0 while not sent on it
-        self.done = False
-        self.error: EventRejected | None = None
-        self.waited = waited  # a caller raises the rejection itself: flush need not
-
-
-def _path_of(socket_path: str | os.PathLike[str] | None) -> str:
-    return default_socket_path() if socket_path is None else os.fspath(socket_path)
-
-
-def _open(path: str, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.settimeout(None)  # blocking; waits go through poll() with deadlines
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise DaemonUnavailable(f"cannot reach the pfcollector daemon at {path}: {reason}") from exc
-    return sock
-
-
-def _rejection(msg: dict[str, Any], event_id: str | None = None) -> EventRejected:
-    seq, fld = msg.get("seq"), msg.get("field")
-    return EventRejected(
-        str(msg.get("code", "error")),
-        str(msg.get("message", "")),
-        seq if isinstance(seq, int) else None,
-        fld if isinstance(fld, str) else None,
-        event_id=event_id,
-        fatal=msg.get("fatal") is True,
-    )
 
 
 class Client:
@@ -125,30 +77,29 @@ class Client:
     ) -> None:
         if max_unacked < 1:
             raise ValueError(f"max_unacked must be at least 1, got {max_unacked}")
-        self.socket_path = _path_of(socket_path)
+        self.socket_path = path_of(socket_path)
         self.job_id = job_id
         self.fuzzer = fuzzer
         self.timeout = timeout
         self.max_unacked = max_unacked
-        #: Every rejection seen (newest last, at most :data:`REJECTED_KEEP`).
-        self.rejected: list[EventRejected] = []
+        self._session = Session(job_id, fuzzer)
         self._lock = threading.RLock()
         self._sock: socket.socket | None = None
         self._poll = select.poll()
-        self._frames = FrameBuffer()
-        self._seq = 0
-        self._req = 0
-        self._unacked: OrderedDict[str, _Pending] = OrderedDict()  # by event id, in send order
-        self._replies: dict[int, dict[str, Any]] = {}
-        self._unreported: list[EventRejected] = []
-        self._welcome: dict[str, Any] | None = None
-        self._hello_error: EventRejected | None = None
-        self._max_frame = _DEFAULT_MAX_FRAME
         self._reconnected = False
         self._closed = False
         _clients.add(self)
         with self._lock:
             self._connect()
+
+    @property
+    def rejected(self) -> list[EventRejected]:
+        """Every rejection seen (newest last, at most :data:`REJECTED_KEEP`)."""
+        return self._session.rejected
+
+    @rejected.setter
+    def rejected(self, value: list[EventRejected]) -> None:
+        self._session.rejected = value
 
     # -- public API -------------------------------------------------------------------------
 
@@ -237,8 +188,7 @@ class Client:
         id: str | None = None,
     ) -> str:
         """Report ``started``, ``stopped``, ``error`` or ``timeout``; no wait."""
-        if kind not in _LIFECYCLE:
-            raise ValueError(f"lifecycle kind must be one of {', '.join(_LIFECYCLE)}, got {kind!r}")
+        check_lifecycle(kind)
         return self._submit(kind, {"message": message}, job_id, ts, event_id=id)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -254,12 +204,12 @@ class Client:
         with self._lock:
             self._begin()
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-            if not self._wait_until(lambda: not self._unacked, deadline):
-                raise FlushTimeout(f"{len(self._unacked)} events not acknowledged by the daemon "
+            s = self._session
+            if not self._wait_until(lambda: not s.unacked, deadline):
+                raise FlushTimeout(f"{len(s.unacked)} events not acknowledged by the daemon "
                                    f"at {self.socket_path} in time")  # fmt: skip
-            if self._unreported:
-                first = self._unreported[0]
-                self._unreported.clear()
+            first = s.take_unreported()
+            if first is not None:
                 raise first
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
@@ -279,14 +229,13 @@ class Client:
         with self._lock:
             self._begin()
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-            self._req += 1
-            req = self._req
-            frame = encode_frame({"t": "control", "req": req, "op": op, "args": args or {}})
+            req, frame = self._session.control(op, args)
+            replies = self._session.replies
             self._send_control(frame, deadline)
             again = lambda: self._send_control(frame, deadline)  # noqa: E731
-            if not self._wait_until(lambda: req in self._replies, deadline, resend=again):
+            if not self._wait_until(lambda: req in replies, deadline, resend=again):
                 raise FlushTimeout(f"no reply to control op {op!r} from {self.socket_path}")
-            reply = self._replies.pop(req)
+            reply = replies.pop(req)
         if reply.get("ok") is not True:
             raise PfClientError(f"control op {op!r} failed: {reply.get('error')}")
         return reply.get("result")
@@ -322,27 +271,18 @@ class Client:
         wait: bool = False, event_id: str | None = None,
     ) -> str:  # fmt: skip
         event_id = event_id or str(uuid.uuid4())
-        body: dict[str, Any] = {
-            "t": "event", "seq": _SEQ_PLACEHOLDER, "kind": kind, "id": event_id,
-            "ts": time.time() if ts is None else ts,
-        }  # fmt: skip
-        if job_id is not None:
-            body["job_id"] = job_id
-        body.update(fields)
+        ts = time.time() if ts is None else ts  # the call's time, not the lock's
+        s = self._session
         with self._lock:
             self._begin()
-            size = len(encode_frame(body)) - HEADER_SIZE
-            if size > self._max_frame:
-                raise EventRejected("frame_too_large", f"{kind} event is {size} bytes, the "
-                                    f"daemon's max_frame is {self._max_frame}")  # fmt: skip
+            pending = s.event(kind, fields, job_id, ts, event_id, waited=wait)
             deadline = time.monotonic() + self.timeout
-            if not self._wait_until(lambda: len(self._unacked) < self.max_unacked, deadline):
-                raise FlushTimeout(f"{len(self._unacked)} events unacknowledged by the daemon at "
+            if not self._wait_until(lambda: len(s.unacked) < self.max_unacked, deadline):
+                raise FlushTimeout(f"{len(s.unacked)} events unacknowledged by the daemon at "
                                    f"{self.socket_path}; it is not keeping up")  # fmt: skip
-            pending = _Pending(event_id, body, waited=wait)
-            self._unacked[event_id] = pending
+            s.unacked[event_id] = pending
             try:
-                self._send_event(pending, deadline)
+                self._send(s.frame(pending), deadline)
             except _Broken:
                 self._recover()  # resends everything queued, this event included
             if wait:
@@ -362,11 +302,6 @@ class Client:
                 self._send(frame, deadline)
             except _Broken as exc:
                 raise self._unavailable(exc) from None
-
-    def _send_event(self, pending: _Pending, deadline: float) -> None:
-        self._seq += 1
-        pending.seq = pending.body["seq"] = self._seq
-        self._send(encode_frame(pending.body), deadline)
 
     def _send(self, frame: bytes, deadline: float) -> None:
         """Write ``frame`` whole, reading acks while the socket is full. Raises ``_Broken``."""
@@ -412,40 +347,9 @@ class Client:
             if not data:
                 raise _Broken("the daemon closed the connection")
             try:
-                messages = self._frames.feed(data)
+                self._session.feed(data)
             except WireError as exc:
                 raise _Broken(str(exc)) from exc
-            for msg in messages:
-                self._handle(msg)
-
-    def _handle(self, msg: dict[str, Any]) -> None:
-        t = msg["t"]
-        if t == "ack" and isinstance(msg.get("seq"), int):
-            acked: int = msg["seq"]
-            unacked = self._unacked
-            while unacked:
-                pending = unacked[next(iter(unacked))]  # O(1): an OrderedDict
-                if not 0 < pending.seq <= acked:
-                    break
-                del unacked[pending.id]
-                pending.done = True
-        elif t == "error":
-            if self._welcome is None:
-                self._hello_error = _rejection(msg)
-                return
-            found = next((p for p in self._unacked.values() if p.seq == msg.get("seq")), None)
-            error = _rejection(msg, found.id if found is not None else None)
-            if found is not None:
-                del self._unacked[found.id]
-                found.done, found.error = True, error
-            self.rejected.append(error)
-            del self.rejected[:-REJECTED_KEEP]
-            if found is None or not found.waited:
-                self._unreported.append(error)
-        elif t == "reply" and isinstance(msg.get("req"), int):
-            self._replies[msg["req"]] = msg
-        elif t == "welcome":
-            self._welcome = msg
 
     def _wait_until(
         self, done: Callable[[], bool], deadline: float, resend: Callable[[], None] | None = None
@@ -480,42 +384,29 @@ class Client:
 
     def _connect(self) -> None:
         deadline = time.monotonic() + self.timeout
-        sock = _open(self.socket_path, self.timeout)
-        self._sock, self._frames, self._seq = sock, FrameBuffer(), 0
-        self._reset_handshake()
+        sock = open_socket(self.socket_path, self.timeout)
+        s = self._session
+        s.job_id, s.fuzzer = self.job_id, self.fuzzer  # public attributes: say hello with them
+        self._sock = sock
+        hello = s.hello(os.getpid())
         self._poll.register(sock, select.POLLIN)
-        hello = {"t": "hello", "v": PROTOCOL_VERSION, "job_id": self.job_id,
-                 "fuzzer": self.fuzzer, "pid": os.getpid()}  # fmt: skip
         try:
-            self._send(encode_frame(hello), deadline)
-            while self._welcome is None and self._hello_error is None:
+            self._send(hello, deadline)
+            while not s.handshake_over():
                 if not self._poll_for(select.POLLIN, deadline):
                     raise _Broken("no welcome from the daemon in time")
                 self._drain()
         except _Broken as exc:
-            if self._refusal() is None:
+            if s.hello_error is None:
                 raise self._unavailable(exc) from None
-        refused = self._refusal()
-        if refused is not None:
+        if s.hello_error is not None:
             self._drop()
-            raise refused
-        assert self._welcome is not None
-        max_frame = self._welcome.get("max_frame")
-        self._max_frame = max_frame if isinstance(max_frame, int) else _DEFAULT_MAX_FRAME
-        for pending in self._unacked.values():
-            pending.seq = 0
+            raise s.hello_error
         try:
-            for pending in list(self._unacked.values()):
-                self._send_event(pending, deadline)  # same id, fresh seq
+            for frame in s.resend():  # same ids, fresh seqs
+                self._send(frame, deadline)
         except _Broken as exc:
             raise self._unavailable(exc) from None
-
-    def _reset_handshake(self) -> None:
-        # a method, so mypy does not narrow these to None for the handshake loop
-        self._welcome = self._hello_error = None
-
-    def _refusal(self) -> EventRejected | None:
-        return self._hello_error
 
     def _unavailable(self, reason: object) -> DaemonUnavailable:
         self._drop()
@@ -528,7 +419,7 @@ class Client:
             with contextlib.suppress(KeyError, ValueError):
                 self._poll.unregister(sock)
             sock.close()
-        self._replies.clear()
+        self._session.replies.clear()
 
     def _after_fork(self) -> None:
         """In a forked child: the parent's connection and queue are the parent's."""
@@ -537,8 +428,7 @@ class Client:
         if self._sock is not None:
             self._sock.close()  # only the child's copy of the descriptor; the parent's stays open
             self._sock = None
-        self._unacked.clear()
-        self._replies.clear()
+        self._session.forget()
 
 
 def _reset_after_fork() -> None:
@@ -547,41 +437,3 @@ def _reset_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def status(
-    socket_path: str | os.PathLike[str] | None = None, timeout: float = 5.0
-) -> dict[str, Any]:
-    """Ask the daemon for its status over a fresh connection, without a hello.
-
-    Raises:
-        DaemonUnavailable: no daemon at the path, or it closed the connection.
-        FlushTimeout: no reply within ``timeout``.
-        PfClientError: the daemon answered an error.
-    """
-    path = _path_of(socket_path)
-    deadline = time.monotonic() + timeout
-    frames = FrameBuffer()
-    with _open(path, timeout) as sock:
-        try:
-            sock.settimeout(timeout)
-            sock.sendall(encode_frame({"t": "control", "req": 1, "op": "status", "args": {}}))
-            while True:
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-                data = sock.recv(_READ_SIZE)
-                if not data:
-                    raise DaemonUnavailable(f"pfcollector daemon at {path}: closed the connection")
-                for msg in frames.feed(data):
-                    if msg["t"] == "error":
-                        raise _rejection(msg)
-                    if msg["t"] == "reply" and msg.get("req") == 1:
-                        if msg.get("ok") is not True:
-                            raise PfClientError(f"status failed: {msg.get('error')}")
-                        result = msg.get("result")
-                        return result if isinstance(result, dict) else {"result": result}
-        except TimeoutError:
-            raise FlushTimeout(f"no status reply from the daemon at {path} in time") from None
-        except WireError as exc:
-            raise PfClientError(f"the daemon at {path} sent garbage: {exc}") from exc
-        except OSError as exc:
-            raise DaemonUnavailable(f"pfcollector daemon at {path}: {exc}") from exc

@@ -7,7 +7,8 @@
         await pf.crash("SIGSEGV", data, signal=11)  # returns once stored durably
 
 The protocol bookkeeping (seqs, the unacknowledged queue, acks, rejections, replies) is the
-sans-I/O :class:`Session`, shared with :mod:`pfclient.trio_client`; the I/O-independent
+sans-I/O :class:`Session` of :mod:`pfclient._session`, shared with :mod:`pfclient.trio_client`
+and the blocking client; the I/O-independent
 call logic is :class:`BaseAsyncClient`; this module adds asyncio streams. Frames are encoded
 and decoded by :mod:`pfclient._wire`, as in the blocking client.
 
@@ -29,113 +30,16 @@ import asyncio
 import contextlib
 import os
 import time
-import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Self
 
-from ._client import _LIFECYCLE, REJECTED_KEEP, _Pending, _rejection
 from ._errors import DaemonUnavailable, EventRejected, FlushTimeout, PfClientError
-from ._wire import HEADER_SIZE, PROTOCOL_VERSION, FrameBuffer, WireError, default_socket_path
-from ._wire import encode_frame as _encode
+from ._session import Session, check_lifecycle
+from ._wire import WireError, default_socket_path
 
 __all__ = ["AsyncClient", "BaseAsyncClient", "Session"]
 
-_DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 _READ_SIZE = 64 * 1024
-
-
-class Session:
-    """The client side of one daemon conversation, without I/O: frames out, bytes in."""
-
-    def __init__(self, job_id: str, fuzzer: str) -> None:
-        self.job_id = job_id
-        self.fuzzer = fuzzer
-        self.unacked: OrderedDict[str, _Pending] = OrderedDict()  # by event id, in send order
-        self.replies: dict[int, dict[str, Any]] = {}
-        self.rejected: list[EventRejected] = []
-        self.unreported: list[EventRejected] = []
-        self.welcome: dict[str, Any] | None = None
-        self.hello_error: EventRejected | None = None
-        self.max_frame = _DEFAULT_MAX_FRAME
-        self._frames = FrameBuffer()
-        self._seq = 0
-        self._req = 0
-
-    def hello(self, pid: int) -> bytes:
-        """Start a new connection: forget the old one's seqs and buffer; the hello frame."""
-        self._frames, self._seq = FrameBuffer(), 0
-        self.welcome = self.hello_error = None
-        self.replies.clear()
-        for pending in self.unacked.values():
-            pending.seq = 0
-        return _encode({"t": "hello", "v": PROTOCOL_VERSION, "job_id": self.job_id,
-                        "fuzzer": self.fuzzer, "pid": pid})  # fmt: skip
-
-    def resend(self) -> list[bytes]:
-        """After the welcome: every unacknowledged event again, same id, fresh seq."""
-        return [self.frame(pending) for pending in list(self.unacked.values())]
-
-    def event(self, kind: str, fields: dict[str, Any], job_id: str | None, ts: float | None,
-              event_id: str | None, waited: bool) -> _Pending:  # fmt: skip
-        """A new event (not yet queued). Raises EventRejected if it exceeds ``max_frame``."""
-        event_id = event_id or str(uuid.uuid4())
-        body: dict[str, Any] = {"t": "event", "seq": 2**63 - 1, "kind": kind, "id": event_id,
-                                "ts": time.time() if ts is None else ts}  # fmt: skip
-        if job_id is not None:
-            body["job_id"] = job_id
-        body.update(fields)
-        size = len(_encode(body)) - HEADER_SIZE
-        if size > self.max_frame:
-            raise EventRejected("frame_too_large", f"{kind} event is {size} bytes, the "
-                                f"daemon's max_frame is {self.max_frame}")  # fmt: skip
-        return _Pending(event_id, body, waited)
-
-    def frame(self, pending: _Pending) -> bytes:
-        """``pending`` with the next seq of this connection."""
-        self._seq += 1
-        pending.seq = pending.body["seq"] = self._seq
-        return _encode(pending.body)
-
-    def control(self, op: str, args: dict[str, Any] | None) -> tuple[int, bytes]:
-        """A new control request: its number and frame."""
-        self._req += 1
-        frame = _encode({"t": "control", "req": self._req, "op": op, "args": args or {}})
-        return self._req, frame
-
-    def feed(self, data: bytes) -> None:
-        """Handle bytes from the daemon. Raises WireError on garbage."""
-        for msg in self._frames.feed(data):
-            self._handle(msg)
-
-    def _handle(self, msg: dict[str, Any]) -> None:
-        t = msg["t"]
-        if t == "ack" and isinstance(msg.get("seq"), int):
-            while self.unacked:
-                pending = self.unacked[next(iter(self.unacked))]
-                if not 0 < pending.seq <= msg["seq"]:
-                    break
-                del self.unacked[pending.id]
-                pending.done = True
-        elif t == "error":
-            if self.welcome is None:
-                self.hello_error = _rejection(msg)
-                return
-            found = next((p for p in self.unacked.values() if p.seq == msg.get("seq")), None)
-            error = _rejection(msg, found.id if found is not None else None)
-            if found is not None:
-                del self.unacked[found.id]
-                found.done, found.error = True, error
-            self.rejected.append(error)
-            del self.rejected[:-REJECTED_KEEP]
-            if found is None or not found.waited:
-                self.unreported.append(error)
-        elif t == "reply" and isinstance(msg.get("req"), int):
-            self.replies[msg["req"]] = msg
-        elif t == "welcome":
-            self.welcome = msg
-            max_frame = msg.get("max_frame")
-            self.max_frame = max_frame if isinstance(max_frame, int) else _DEFAULT_MAX_FRAME
 
 
 class _Call:
@@ -196,16 +100,9 @@ class BaseAsyncClient:
         fields = {"edges": edges, "new_edges": new_edges, "exec_count": exec_count}
         return await self._submit("coverage", fields, job_id, ts, id)
 
-    async def corpus(
-        self,
-        files: list[str],
-        *,
-        total_size: int = 0,
-        contents: list[bytes] | None = None,
-        job_id: str | None = None,
-        ts: float | None = None,
-        id: str | None = None,
-    ) -> str:
+    async def corpus(self, files: list[str], *, total_size: int = 0,
+                     contents: list[bytes] | None = None, job_id: str | None = None,
+                     ts: float | None = None, id: str | None = None) -> str:  # fmt: skip
         """Report corpus files (optionally with their bytes, ``contents``, for the daemon's
         dedupe by content); returns the event id without waiting for the ack."""
         fields: dict[str, Any] = {"files": list(files), "total_size": total_size}
@@ -221,8 +118,7 @@ class BaseAsyncClient:
     async def lifecycle(self, kind: str, message: str = "", *, job_id: str | None = None,
                         ts: float | None = None, id: str | None = None) -> str:  # fmt: skip
         """Report ``started``, ``stopped``, ``error`` or ``timeout``; no wait."""
-        if kind not in _LIFECYCLE:
-            raise ValueError(f"lifecycle kind must be one of {', '.join(_LIFECYCLE)}, got {kind!r}")
+        check_lifecycle(kind)
         return await self._submit(kind, {"message": message}, job_id, ts, id)
 
     async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (as Client)
@@ -232,9 +128,8 @@ class BaseAsyncClient:
         if not await self._wait_until(lambda: not s.unacked, call):
             raise FlushTimeout(f"{len(s.unacked)} events not acknowledged by the daemon at "
                                f"{self.socket_path} in time")  # fmt: skip
-        if s.unreported:
-            first = s.unreported[0]
-            s.unreported.clear()
+        first = s.take_unreported()
+        if first is not None:
             raise first
 
     async def status(self, timeout: float | None = None) -> dict[str, Any]:  # noqa: ASYNC109
