@@ -66,6 +66,7 @@ _HEADER = struct.Struct(">I")
 _ID_RE = re.compile(rf"[A-Za-z0-9._:-]{{1,{ID_MAX}}}")
 _CONTROL_CHAR_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _KINDS: dict[str, Kind] = {kind.value: kind for kind in Kind}
+_CORPUS = Kind.CORPUS  # a module constant: reading an enum member off its class is slow
 _SPECS: dict[Kind, tuple[FieldSpec, ...]] = dict(SCHEMAS)
 _NAMES = {kind: tuple(spec.name for spec in specs) for kind, specs in SCHEMAS.items()}
 # (name, type checked inline or None, required, default, spec) per kind, for the hot loop
@@ -77,6 +78,13 @@ _FIELDS = {
     )
     for kind, specs in SCHEMAS.items()
 }  # fmt: skip
+# The keys an event's fields arrived with (after the envelope), per kind, in wire order: a
+# producer sends the same few shapes over and over. A valid shape maps to the checks of the
+# fields present and the defaults of those absent. Any event that does not pass them goes
+# through the schema-order loop, which names the first error exactly as it always did.
+_Shape: TypeAlias = tuple[tuple[tuple[str, Any, FieldSpec], ...], dict[str, Any]]
+_SHAPES: dict[tuple[Kind, tuple[str, ...]], _Shape] = {}
+_SHAPES_MAX = 4096  # orderings of the schema's names are many: past this they are not remembered
 _TS_LIMIT = INT64_MAX / 1e9
 _ENVELOPE = ("t", "seq", "kind", "id", "ts", "job_id")
 _MISSING: Any = object()
@@ -345,11 +353,26 @@ class _Checker:
         raise self.fail("wrong_type", name, f"must be {_TYPE_WORD[want]}, got {_describe(value)}")
 
 
+def _learn_shape(kind: Kind, obj: dict[Any, Any]) -> _Shape | None:
+    """The :data:`_SHAPES` entry for the keys of ``obj``, or ``None`` when they are not a valid
+    set for ``kind`` (a key unknown or a required one absent). Only valid shapes are remembered
+    (while there is room): their keys are the schema's names, so the cache stays small."""
+    fields = _FIELDS[kind]
+    known = {f[0]: f for f in fields}
+    if not all(key in known for key in obj) or not all(f[0] in obj for f in fields if f[2]):
+        return None
+    checks = tuple((key, known[key][1], known[key][4]) for key in obj)
+    shape = checks, {f[0]: f[3] for f in fields if f[0] not in obj}
+    if len(_SHAPES) < _SHAPES_MAX:
+        _SHAPES[kind, tuple(obj)] = shape
+    return shape
+
+
 def _parse_event(obj: dict[Any, Any], last_seq: int) -> EventMsg:
     """Validate an ``event`` map (which it consumes) into an :class:`EventMsg`.
 
-    This is the daemon's hot path: the common case (well-typed ints and floats) is checked
-    inline, and the context for error messages is only formatted on failure.
+    This is the daemon's hot path: the common case (well-typed ints and floats, a set of keys
+    seen before) is checked inline, and the context for error messages is only built on failure.
     """
     seq = obj.get("seq")
     if type(seq) is not int or not INT64_MIN <= seq <= INT64_MAX:
@@ -364,39 +387,69 @@ def _parse_event(obj: dict[Any, Any], last_seq: int) -> EventMsg:
             raise _Checker("event", seq).fail("missing_field", "kind", "is required")
         raise MessageError("unknown_kind", f"event seq {seq}: kind {_describe(kind_name)} is not "
                            f"one of {', '.join(_KINDS)}", field="kind", seq=seq)  # fmt: skip
-    check = _Checker("event", seq, kind.value)
+    # kind_name == kind.value (the enum's property is slow); the checker is built only when used
     del obj["t"], obj["seq"], obj["kind"]
     event_id = obj.pop("id", None)
     if event_id is not None and (type(event_id) is not str or not _ID_RE.fullmatch(event_id)):
-        raise check.fail("bad_id", "id", f"must be 1..{ID_MAX} characters of [A-Za-z0-9._:-], "
-                         f"got {_describe(event_id)}")  # fmt: skip
+        raise _Checker("event", seq, kind_name).fail(
+            "bad_id", "id", f"must be 1..{ID_MAX} characters of [A-Za-z0-9._:-], "
+            f"got {_describe(event_id)}")  # fmt: skip
     ts_ns = None
     ts = obj.pop("ts", None)  # nil means absent, for every optional envelope key
     if ts is not None:
         if type(ts) is not int and type(ts) is not float:
-            raise check.fail("wrong_type", "ts", f"must be a number, got {_describe(ts)}")
+            raise _Checker("event", seq, kind_name).fail(
+                "wrong_type", "ts", f"must be a number, got {_describe(ts)}")  # fmt: skip
         if not 0 <= ts < _TS_LIMIT:  # also refuses nan and inf
-            raise check.fail("out_of_range", "ts", f"must be seconds since the epoch, got {ts}")
+            raise _Checker("event", seq, kind_name).fail(
+                "out_of_range", "ts", f"must be seconds since the epoch, got {ts}")  # fmt: skip
         ts_ns = ts * 1_000_000_000 if type(ts) is int else round(ts * 1e9)
-    job_id = check.name(obj, "job_id") if obj.get("job_id") is not None else None
-    obj.pop("job_id", None)
-    for name, fast, required, default, spec in _FIELDS[kind]:
-        value = obj.get(name, _MISSING)
-        if value is _MISSING:
-            if required:
-                raise check.fail("missing_field", name, "is required")
-            obj[name] = default
-        elif type(value) is not fast or not (
-            INT64_MIN <= value <= INT64_MAX if fast is int else value - value == 0.0  # finite
-        ):
-            obj[name] = check.field(spec, value)
-    if len(obj) != len(_FIELDS[kind]):
-        check.no_extra(obj, _NAMES[kind])
-    if kind is Kind.CORPUS and obj["contents"] is not None and len(obj["contents"]) != len(
+    job_id = None
+    if "job_id" in obj:
+        if obj["job_id"] is not None:
+            job_id = _Checker("event", seq, kind_name).name(obj, "job_id")
+        del obj["job_id"]
+    shape = _SHAPES.get((kind, tuple(obj))) or _learn_shape(kind, obj)
+    checked = False
+    if shape is not None:  # every key known, every required one there: check the values only
+        fixed = None
+        for name, fast, spec in shape[0]:
+            value = obj[name]
+            if type(value) is not fast or not (
+                INT64_MIN <= value <= INT64_MAX if fast is int else value - value == 0.0
+            ):
+                try:
+                    new = _Checker("event", seq, kind_name).field(spec, value)
+                except MessageError:
+                    break  # the schema-order loop below names the first error, as always
+                if new is not value:
+                    fixed = fixed or []
+                    fixed.append((name, new))
+        else:
+            if fixed:
+                obj.update(fixed)
+            obj.update(shape[1])  # the absent fields' defaults, in schema order
+            checked = True
+    if not checked:
+        check = _Checker("event", seq, kind_name)
+        for name, fast, required, default, spec in _FIELDS[kind]:
+            value = obj.get(name, _MISSING)
+            if value is _MISSING:
+                if required:
+                    raise check.fail("missing_field", name, "is required")
+                obj[name] = default
+            elif type(value) is not fast or not (
+                INT64_MIN <= value <= INT64_MAX if fast is int else value - value == 0.0  # finite
+            ):
+                obj[name] = check.field(spec, value)
+        if len(obj) != len(_FIELDS[kind]):
+            check.no_extra(obj, _NAMES[kind])
+    if kind is _CORPUS and obj["contents"] is not None and len(obj["contents"]) != len(
         obj["files"]
     ):
-        raise check.fail("out_of_range", "contents", f"has {len(obj['contents'])} items but "
-                         f"files has {len(obj['files'])}: one content per file")  # fmt: skip
+        raise _Checker("event", seq, kind_name).fail(
+            "out_of_range", "contents", f"has {len(obj['contents'])} items but files has "
+            f"{len(obj['files'])}: one content per file")  # fmt: skip
     return EventMsg(seq, kind, obj, event_id, ts_ns, job_id)
 
 
