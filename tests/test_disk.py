@@ -8,6 +8,7 @@ root; elsewhere it is skipped with the reason)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -105,7 +106,7 @@ async def test_real_full_disk_then_space_returns(
     daemon = await start(nursery, make_config(data_dir=small_disk / "data"))
     client = await RawClient.connect(daemon.config.socket_path)
     await client.hello()
-    acked: set[str] = set()
+    acked: dict[str, bytes] = {}  # id -> input
     refused: list[ErrorMsg] = []
     seq = 0
     for _ in range(40):  # 40 x 5 x 64 KiB = 12.5 MiB into 3 MiB
@@ -113,19 +114,26 @@ async def test_real_full_disk_then_space_returns(
         seq += 5
         errors = await exchange(client, batch)
         refused += errors.values()
-        acked |= {ev.id for ev in batch if ev.seq not in errors and ev.id}
+        acked |= {ev.id: ev.fields["input"] for ev in batch if ev.seq not in errors and ev.id}
         if errors:
             break
     assert refused, "the 3 MiB disk never filled up"
     assert {e.code for e in refused} <= {"disk_full", "spool_full"}
     assert "disk_full" in {e.code for e in refused}
-    assert not list((small_disk / "data" / "inputs").glob("*/*.tmp"))  # no half inputs
     await trio.run_process(["mount", "-o", "remount,size=32m", str(small_disk)])
     later = [crash(seq + i, 64 * 1024) for i in range(1, 6)]
     assert await exchange(client, later) == {}  # space is back: accepted again
-    acked |= {ev.id for ev in later if ev.id}
+    acked |= {ev.id: ev.fields["input"] for ev in later if ev.id}
     stored = {r.event.id for r in daemon.spool.read_after(0, 1000)}
-    assert acked <= stored  # nothing acknowledged was lost
+    assert set(acked) <= stored  # nothing acknowledged was lost
+    with trio.fail_after(30):  # the input writer catches up once the disk has room
+        while daemon.spool.pending_input_count():
+            await trio.sleep(0.05)
+    inputs = small_disk / "data" / "inputs"
+    assert not list(inputs.glob("*/*.tmp"))  # no half-written input is left
+    for data in acked.values():
+        sha = hashlib.sha256(data).hexdigest()
+        assert (inputs / sha[:2] / sha).read_bytes() == data
     await client.aclose()
     daemon.stop()
 

@@ -204,6 +204,9 @@ async def test_corpus_dedupe_by_name_and_by_content(
         hashlib.sha256(b"BBBB").hexdigest(),
     ]
     assert events[4].id not in rows
+    with trio.fail_after(10):  # contents are written to their files off the ack path
+        while daemon.spool.pending_input_count():
+            await trio.sleep(0.01)
     assert daemon.inputs.path_for(hashlib.sha256(b"BBBB").hexdigest()).read_bytes() == b"BBBB"
     status = await daemon.status()
     assert status["spool"]["kinds"]["corpus"]["deduped"] == 2

@@ -52,7 +52,11 @@ async def test_hello_events_and_cumulative_ack(local_daemon: Daemon) -> None:
     crash = rows[-1].event
     assert crash.id == "ev-51-crash" and crash.kind is Kind.CRASH
     assert crash.fields["size"] == len(b"crash-51")
-    assert Path(crash.fields["file_path"]).read_bytes() == b"crash-51"
+    input_file = Path(crash.fields["file_path"])  # written off the ack path, soon after
+    with trio.fail_after(10):
+        while not input_file.exists():
+            await trio.sleep(0.01)
+    assert input_file.read_bytes() == b"crash-51"
     assert crash.peer_pid == os.getpid()
     await client.aclose()
 

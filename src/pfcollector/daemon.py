@@ -30,7 +30,7 @@ from .bots import heartbeat_loop, register
 from .breaker import CircuitBreaker
 from .config import Config, ConfigError, runtime_changes
 from .events import Kind
-from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, Pending
+from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, InputWriter, Pending
 from .inputs import InputStore
 from .logs import set_level
 from .master import RegisterError
@@ -60,6 +60,8 @@ class Daemon:
         self.inputs.clean()
         self.ingest_send, self.ingest_recv = trio.open_memory_channel[Pending](INGEST_QUEUE_SIZE)
         self.committer = GroupCommitter(self.spool, self.inputs, crash_dedupe=config.crash_dedupe)
+        self.input_writer = InputWriter(self.spool, self.inputs)
+        self.committer.on_commit(self.input_writer.notify)
         self.policy = BatchPolicy(config.batch_size, config.batch_bytes, config.flush_interval)
         self.server = Server(
             config.socket_path,
@@ -107,6 +109,7 @@ class Daemon:
                     delivery.start_soon(self._deliver, http, delivery)  # spool -> master
                 if handle_signals:
                     delivery.start_soon(self._on_signals)  # TERM/INT stop, HUP reloads
+                delivery.start_soon(self.input_writer.run)  # spooled input bytes -> files
                 async with trio.open_nursery() as ingest:
                     ingest.start_soon(self.committer.run, self.ingest_recv)  # channel -> spool
                     await ingest.start(self.server.serve)  # socket -> channel
@@ -359,6 +362,7 @@ class Daemon:
                 "bytes": self.spool.total_bytes,
                 "max_bytes": self.spool.max_bytes,
                 "write_error": self.committer.failing,
+                "inputs_pending": await trio.to_thread.run_sync(self.spool.pending_input_count),
                 "kinds": spool_status,
             },
             "policies": await self._policies(),

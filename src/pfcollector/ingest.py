@@ -35,6 +35,7 @@ __all__ = [
     "INGEST_QUEUE_SIZE",
     "AckTracker",
     "GroupCommitter",
+    "InputWriter",
     "Pending",
 ]
 
@@ -198,21 +199,28 @@ class GroupCommitter:
         events: list[Event] = []
         sizes: list[int] = []
         keys: list[list[str] | None] = []
+        blobs: list[list[tuple[str, bytes]]] = []
+        inputs = self.inputs
         for item in group:
-            event, size, dedupe = item.event, 0, None
+            event, size, dedupe, new = item.event, 0, None, []
             if isinstance(item.input, bytes):  # a crash input
-                stored = self.inputs.put(item.input)
+                sha = inputs.digest(item.input)
                 fields = dict(event.fields)
-                fields.update(hash=stored.sha256, size=stored.size, file_path=stored.path)
+                path = str(inputs.path_for(sha))
+                fields.update(hash=sha, size=len(item.input), file_path=path)
                 fields.setdefault("is_unique", True)
                 event = dataclasses.replace(event, fields=fields)
-                size = stored.size
+                size = len(item.input)
+                if not inputs.has(sha):
+                    new.append((sha, item.input))
                 if self.crash_dedupe:
-                    dedupe = [crash_signature(stored.sha256, fields["type"], fields["signal"])]
+                    dedupe = [crash_signature(sha, fields["type"], fields["signal"])]
             elif event.kind is Kind.CORPUS:
                 files = list(event.fields["files"])
                 if item.input is not None:  # contents: dedupe by what the files hold
-                    hashes = [self.inputs.put(data).sha256 for data in item.input]
+                    hashes = [inputs.digest(data) for data in item.input]
+                    new = [(h, d) for h, d in zip(hashes, item.input, strict=True)
+                           if not inputs.has(h)]  # fmt: skip
                     entry_sizes = [len(data) for data in item.input]
                     size = sum(entry_sizes)
                     fields = {**event.fields, "hashes": hashes, "sizes": entry_sizes}
@@ -224,8 +232,55 @@ class GroupCommitter:
             events.append(event)
             sizes.append(size)
             keys.append(dedupe)
-        self.inputs.sync_dirs()
-        return self.spool.append(events, sizes, keys)
+            blobs.append(new)
+        return self.spool.append(events, sizes, keys, blobs)
+
+
+class InputWriter:
+    """Writes the inputs the group commit journaled in the spool into their files.
+
+    Off the ack path: a crash is acknowledged once its bytes are committed in the spool; this
+    task turns them into durable content-addressed files in batches (parallel fsyncs), then
+    drops them from the spool. It starts with whatever a previous run left.
+
+    Error handling:
+        A write that fails (a full disk) is logged once and retried with a backoff; the bytes
+        stay in the spool meanwhile, so nothing is lost.
+    """
+
+    def __init__(self, spool: Spool, inputs: InputStore) -> None:
+        self.spool = spool
+        self.inputs = inputs
+        self.written = 0
+        self._wake = trio.Event()
+
+    def notify(self) -> None:
+        """New inputs were committed."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write batches until cancelled."""
+        backoff = 0.0
+        while True:
+            try:
+                batch = await trio.to_thread.run_sync(self.spool.pending_inputs)
+                if not batch:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    continue
+                await trio.to_thread.run_sync(self.inputs.write, batch)
+                await trio.to_thread.run_sync(self.spool.drop_inputs, [sha for sha, _ in batch])
+            except (OSError, sqlite3.Error) as exc:  # a full disk: files or spool
+                if not backoff:
+                    log.error("cannot write crash input files (%s); their bytes stay in the "
+                              "spool and are written when it works", exc)  # fmt: skip
+                backoff = min(max(backoff * 2, 0.5), 30.0)
+                await trio.sleep(backoff)
+                continue
+            if backoff:
+                log.warning("crash input files are written again")
+                backoff = 0.0
+            self.written += len(batch)
 
 
 def _write_failure(exc: BaseException) -> tuple[str, str]:

