@@ -409,11 +409,18 @@ class Spool:
         return out
 
     def drop_inputs(self, shas: Sequence[str]) -> None:
-        """Forget inputs whose files are now durable."""
+        """Forget inputs whose files are now durable (one transaction: one fsync, not N)."""
         with self._lock:
-            self._db.executemany(
-                "DELETE FROM pending_inputs WHERE sha256 = ?", [(sha,) for sha in shas]
-            )
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "DELETE FROM pending_inputs WHERE sha256 = ?", [(sha,) for sha in shas]
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
 
     def pending_input_count(self) -> int:
         """How many inputs wait for their file."""
