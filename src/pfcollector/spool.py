@@ -175,16 +175,22 @@ class Spool:
         """
         results: list[str | None] = []
         delta: Counter[tuple[str, str]] = Counter()
+        # Written once per group (executemany), not per event: the per-statement cost, not
+        # SQLite's per-row cost, is what a crash-heavy group pays.
+        seen_rows: list[tuple[str, str, str, str, int]] = []
+        hit_rows: list[tuple[int, str, str, str]] = []
+        blob_rows: list[tuple[str, bytes]] = []
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
                 now = time.time_ns()
+                known = self._seen_before(events, keys) if keys is not None else {}
                 for i, ev in enumerate(events):
                     fresh: list[str] = []
                     event_keys = keys[i] if keys is not None else None
                     if event_keys:
-                        deduped = self._dedupe(ev, event_keys, now, delta)
+                        deduped = self._dedupe(ev, event_keys, known, hit_rows, now, delta)
                         if deduped is None:
                             results.append(None)  # a repeat: counted, durably, not resent
                             continue
@@ -218,15 +224,18 @@ class Spool:
                         self._bytes[ev.kind] += size
                         delta[ev.kind, "accepted"] += 1
                     if blobs is not None and blobs[i]:
-                        db.executemany(
-                            "INSERT OR IGNORE INTO pending_inputs VALUES (?, ?)", blobs[i]
-                        )
-                    if fresh:  # only now: a refused event must not make its repeats "seen"
-                        db.executemany(
-                            "INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, 1, ?)",
-                            [(ev.kind.value, ev.job_id, k, ev.id, now) for k in fresh],
-                        )
+                        blob_rows.extend(blobs[i])
+                    for key in fresh:  # only now: a refused event must not make repeats "seen"
+                        known[ev.kind.value, ev.job_id, key] = ev.id
+                        seen_rows.append((ev.kind.value, ev.job_id, key, ev.id, now))
                     results.append(None)
+                db.executemany("INSERT OR IGNORE INTO pending_inputs VALUES (?, ?)", blob_rows)
+                db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, 1, ?)", seen_rows)
+                db.executemany(
+                    "UPDATE seen SET hits = hits + 1, last_ns = ? "
+                    "WHERE kind = ? AND job_id = ? AND key = ?",
+                    hit_rows,
+                )
                 self._bump(delta)
                 db.execute("COMMIT")
             except BaseException:
@@ -235,29 +244,50 @@ class Spool:
                 raise
         return results
 
+    def _seen_before(
+        self, events: Sequence[Event], keys: Sequence[Sequence[str] | None]
+    ) -> dict[tuple[str, str, str], str]:
+        """``(kind, job, key) -> first id`` for the group's keys already seen: one query per
+        (kind, job) per chunk of keys rather than one per key."""
+        wanted: dict[tuple[str, str], set[str]] = {}
+        for ev, event_keys in zip(events, keys, strict=True):
+            if event_keys:
+                wanted.setdefault((ev.kind.value, ev.job_id), set()).update(event_keys)
+        known: dict[tuple[str, str, str], str] = {}
+        for (kind, job), key_set in wanted.items():
+            key_list = list(key_set)
+            for start in range(0, len(key_list), _CHUNK):
+                chunk = key_list[start : start + _CHUNK]
+                rows = self._db.execute(
+                    "SELECT key, first_id FROM seen WHERE kind = ? AND job_id = ? "
+                    f"AND key IN ({','.join('?' * len(chunk))})",
+                    (kind, job, *chunk),
+                )
+                known.update(((kind, job, key), first) for key, first in rows)
+        return known
+
     def _dedupe(
-        self, ev: Event, keys: Sequence[str], now: int, delta: Counter[tuple[str, str]]
+        self,
+        ev: Event,
+        keys: Sequence[str],
+        known: dict[tuple[str, str, str], str],
+        hit_rows: list[tuple[int, str, str, str]],
+        now: int,
+        delta: Counter[tuple[str, str]],
     ) -> tuple[Event, list[str]] | None:
         """``None`` for a repeat; else the event (corpus: only its unseen entries) and the keys
-        to record once it is stored."""
+        to record once it is stored. Hits are added to ``hit_rows``."""
         keep: list[int] = []
         fresh: list[str] = []
         for j, key in enumerate(keys):
-            row = self._db.execute(
-                "SELECT first_id FROM seen WHERE kind = ? AND job_id = ? AND key = ?",
-                (ev.kind.value, ev.job_id, key),
-            ).fetchone()
-            if row is None:
+            first = known.get((ev.kind.value, ev.job_id, key))
+            if first is None:
                 keep.append(j)
                 fresh.append(key)
-            elif row[0] == ev.id:
+            elif first == ev.id:
                 keep.append(j)  # a resend of the first one, not a repeat
             else:
-                self._db.execute(
-                    "UPDATE seen SET hits = hits + 1, last_ns = ? "
-                    "WHERE kind = ? AND job_id = ? AND key = ?",
-                    (now, ev.kind.value, ev.job_id, key),
-                )
+                hit_rows.append((now, ev.kind.value, ev.job_id, key))
         if not keep:
             delta[ev.kind, "deduped"] += 1
             return None
