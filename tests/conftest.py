@@ -55,6 +55,14 @@ async def local_daemon(
     daemon.stop()
 
 
+async def start_daemon(nursery: trio.Nursery, config: Config) -> Daemon:
+    """A daemon for ``config`` in ``nursery`` (signals left to the test runner)."""
+    daemon: Daemon = await nursery.start(
+        lambda task_status: Daemon(config).run(handle_signals=False, task_status=task_status)
+    )
+    return daemon
+
+
 def make_event(kind: Kind = Kind.COVERAGE, job_id: str = "job-1", **fields: Any) -> Event:
     defaults: dict[Kind, dict[str, Any]] = {
         Kind.CRASH: {

@@ -16,9 +16,10 @@ from pfcollector.config import Config
 from pfcollector.daemon import Daemon
 from pfcollector.devmaster import DevMaster
 from pfcollector.events import Kind
-from pfcollector.protocol import Ack, ErrorMsg, EventMsg
+from pfcollector.protocol import ErrorMsg, EventMsg
 
-from .wire import RawClient, event
+from .conftest import start_daemon
+from .wire import RawClient, event, exchange
 
 FAST = {
     "flush_interval": 0.1,
@@ -53,18 +54,11 @@ def master_config(make_config: Callable[..., Config], master: DevMaster) -> Call
     return make
 
 
-async def start(nursery: trio.Nursery, config: Config) -> Daemon:
-    daemon: Daemon = await nursery.start(
-        lambda task_status: Daemon(config).run(handle_signals=False, task_status=task_status)
-    )
-    return daemon
-
-
 @pytest.fixture
 async def daemon(
     master_config: Callable[..., Config], nursery: trio.Nursery
 ) -> AsyncIterator[Daemon]:
-    d = await start(nursery, master_config())
+    d = await start_daemon(nursery, master_config())
     yield d
     d.stop()
 
@@ -73,17 +67,7 @@ async def send_all(daemon: Daemon, events: list[EventMsg]) -> list[ErrorMsg]:
     """Send ``events`` on one connection; return the errors once all are acked."""
     client = await RawClient.connect(daemon.config.socket_path)
     await client.hello()
-    for ev in events:
-        await client.send(ev)
-    errors = []
-    with trio.fail_after(20):
-        while True:
-            msg = await client.recv()
-            assert msg is not None
-            if isinstance(msg, ErrorMsg):
-                errors.append(msg)
-            elif isinstance(msg, Ack) and msg.seq >= events[-1].seq:
-                break
+    errors = await exchange(client, events)
     await client.aclose()
     return errors
 
@@ -190,7 +174,7 @@ async def test_partial_success_items_become_dead_letters(daemon: Daemon, master:
 async def test_item_mode(
     master_config: Callable[..., Config], master: DevMaster, nursery: trio.Nursery
 ) -> None:
-    daemon = await start(nursery, master_config(delivery_mode="item"))
+    daemon = await start_daemon(nursery, master_config(delivery_mode="item"))
     events = mix(40)
     assert await send_all(daemon, events) == []
     await eventually(lambda: daemon.spool.total_count == 0)
@@ -205,13 +189,13 @@ async def test_stop_with_master_down_keeps_everything_for_next_start(
     events = mix(60)
     master.down()
     async with trio.open_nursery() as nursery:
-        daemon = await start(nursery, config)
+        daemon = await start_daemon(nursery, config)
         assert await send_all(daemon, events) == []
         daemon.stop()  # returns after the drain deadline: the master never came back
     assert master.count("crash") == 0
     master.up()
     async with trio.open_nursery() as nursery:
-        daemon = await start(nursery, config)
+        daemon = await start_daemon(nursery, config)
         assert daemon.spool.total_count == 60
         await eventually(lambda: daemon.spool.total_count == 0)
         daemon.stop()
@@ -223,7 +207,7 @@ async def test_stop_drains_pending_batches(
 ) -> None:
     events = mix(80)
     async with trio.open_nursery() as nursery:
-        daemon = await start(nursery, master_config(flush_interval=3600.0))
+        daemon = await start_daemon(nursery, master_config(flush_interval=3600.0))
         assert await send_all(daemon, events) == []
         daemon.stop()  # the hour-long flush interval must not hold anything back
     assert at_master(master) >= {e.id for e in events if e.id}
@@ -232,7 +216,7 @@ async def test_stop_drains_pending_batches(
 async def test_full_spool_refuses_crashes_with_an_error(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> None:
-    daemon = await start(nursery, make_config(spool_max_bytes=1024 * 1024, coalesce=False))
+    daemon = await start_daemon(nursery, make_config(spool_max_bytes=1024 * 1024, coalesce=False))
     big = b"\x00" * (200 * 1024)
     crashes = [
         EventMsg(
@@ -274,7 +258,7 @@ async def test_register_then_deliver_under_the_masters_bot_id(
     config = make_config(master_url=master.url, register=True, **FAST)
     events = mix(20)
     async with trio.open_nursery() as nursery:
-        daemon = await start(nursery, config)
+        daemon = await start_daemon(nursery, config)
         assert await send_all(daemon, events) == []
         await eventually(lambda: daemon.spool.total_count == 0)
         (bot,) = master.bots()
@@ -284,7 +268,7 @@ async def test_register_then_deliver_under_the_masters_bot_id(
     crash = next(r for r in master.rows("crash") if r["id"] == "e-5")
     assert crash["bot_id"] == bot["id"]
     async with trio.open_nursery() as nursery:  # a restart keeps the bot id it was given
-        daemon = await start(nursery, config)
+        daemon = await start_daemon(nursery, config)
         await eventually(lambda: daemon.sender is not None)
         assert daemon.bot_id == bot["id"]
         assert len(master.bots()) == 1

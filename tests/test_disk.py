@@ -21,20 +21,12 @@ from typer.testing import CliRunner
 
 from pfcollector.cli import app
 from pfcollector.config import Config
-from pfcollector.daemon import Daemon
 from pfcollector.events import Kind
-from pfcollector.protocol import Ack, ErrorMsg, EventMsg
+from pfcollector.protocol import ErrorMsg, EventMsg
 from pfcollector.spool import Spool, check_spool, open_spool
 
-from .conftest import make_event
-from .wire import RawClient, event
-
-
-async def start(nursery: trio.Nursery, config: Config) -> Daemon:
-    daemon: Daemon = await nursery.start(
-        lambda task_status: Daemon(config).run(handle_signals=False, task_status=task_status)
-    )
-    return daemon
+from .conftest import make_event, start_daemon
+from .wire import RawClient, event, exchange
 
 
 def crash(seq: int, size: int = 64) -> EventMsg:
@@ -43,28 +35,17 @@ def crash(seq: int, size: int = 64) -> EventMsg:
                     f"crash-{seq}", None, None)  # fmt: skip
 
 
-async def exchange(client: RawClient, events: list[EventMsg]) -> dict[int, ErrorMsg]:
-    """Send, wait for the ack of the last; errors by seq."""
-    for ev in events:
-        await client.send(ev)
-    errors: dict[int, ErrorMsg] = {}
-    with trio.fail_after(20):
-        while True:
-            msg = await client.recv()
-            assert msg is not None
-            if isinstance(msg, ErrorMsg) and msg.seq is not None:
-                errors[msg.seq] = msg
-            elif isinstance(msg, Ack) and msg.seq >= events[-1].seq:
-                return errors
+async def errors_by_seq(client: RawClient, events: list[EventMsg]) -> dict[int, ErrorMsg]:
+    return {e.seq: e for e in await exchange(client, events) if e.seq is not None}
 
 
 async def test_injected_disk_full_refuses_then_recovers(
     make_config: Callable[..., Config], nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    daemon = await start(nursery, make_config())
+    daemon = await start_daemon(nursery, make_config())
     client = await RawClient.connect(daemon.config.socket_path)
     await client.hello()
-    assert await exchange(client, [crash(s) for s in range(1, 11)]) == {}
+    assert await errors_by_seq(client, [crash(s) for s in range(1, 11)]) == {}
 
     real_append = Spool.append
 
@@ -72,14 +53,14 @@ async def test_injected_disk_full_refuses_then_recovers(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Spool, "append", full)
-    errors = await exchange(client, [crash(s) for s in range(11, 21)])
+    errors = await errors_by_seq(client, [crash(s) for s in range(11, 21)])
     assert set(errors) == set(range(11, 21))
     assert {e.code for e in errors.values()} == {"disk_full"}
     assert "disk is full" in errors[11].message
     assert (await daemon.status())["spool"]["write_error"] == "disk_full"
 
     monkeypatch.setattr(Spool, "append", real_append)
-    assert await exchange(client, [crash(s) for s in range(21, 31)]) == {}
+    assert await errors_by_seq(client, [crash(s) for s in range(21, 31)]) == {}
     assert (await daemon.status())["spool"]["write_error"] is None
     stored = {r.event.id for r in daemon.spool.read_after(0, 100)}
     assert stored == {f"crash-{s}" for s in [*range(1, 11), *range(21, 31)]}
@@ -103,7 +84,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 async def test_real_full_disk_then_space_returns(
     make_config: Callable[..., Config], small_disk: Path, nursery: trio.Nursery
 ) -> None:
-    daemon = await start(nursery, make_config(data_dir=small_disk / "data"))
+    daemon = await start_daemon(nursery, make_config(data_dir=small_disk / "data"))
     client = await RawClient.connect(daemon.config.socket_path)
     await client.hello()
     acked: dict[str, bytes] = {}  # id -> input
@@ -112,7 +93,7 @@ async def test_real_full_disk_then_space_returns(
     for _ in range(40):  # 40 x 5 x 64 KiB = 12.5 MiB into 3 MiB
         batch = [crash(seq + i, 64 * 1024) for i in range(1, 6)]
         seq += 5
-        errors = await exchange(client, batch)
+        errors = await errors_by_seq(client, batch)
         refused += errors.values()
         acked |= {ev.id: ev.fields["input"] for ev in batch if ev.seq not in errors and ev.id}
         if errors:
@@ -122,7 +103,7 @@ async def test_real_full_disk_then_space_returns(
     assert "disk_full" in {e.code for e in refused}
     await trio.run_process(["mount", "-o", "remount,size=32m", str(small_disk)])
     later = [crash(seq + i, 64 * 1024) for i in range(1, 6)]
-    assert await exchange(client, later) == {}  # space is back: accepted again
+    assert await errors_by_seq(client, later) == {}  # space is back: accepted again
     acked |= {ev.id: ev.fields["input"] for ev in later if ev.id}
     stored = {r.event.id for r in daemon.spool.read_after(0, 1000)}
     assert set(acked) <= stored  # nothing acknowledged was lost

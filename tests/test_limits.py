@@ -16,10 +16,10 @@ import pytest
 import trio
 
 from pfcollector.config import Config, ConfigError
-from pfcollector.daemon import Daemon
 from pfcollector.events import Kind
 from pfcollector.protocol import Ack, ErrorMsg, Welcome
 
+from .conftest import start_daemon
 from .wire import RawClient, event
 
 
@@ -28,13 +28,6 @@ def limited(make_config: Callable[..., Config], **limits: Any) -> Config:
     while a status query waits on its worker thread, so an unrelated hour-long idle timeout
     would fire. Timeouts not named are off."""
     return make_config(**{"idle_timeout": 0, "slow_sender_timeout": 0, **limits})
-
-
-async def start(nursery: trio.Nursery, config: Config) -> Daemon:
-    daemon: Daemon = await nursery.start(
-        lambda task_status: Daemon(config).run(handle_signals=False, task_status=task_status)
-    )
-    return daemon
 
 
 async def fatal_error(client: RawClient) -> ErrorMsg:
@@ -55,7 +48,7 @@ async def test_idle_timeout(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, limited(make_config, idle_timeout=60.0))
+    daemon = await start_daemon(nursery, limited(make_config, idle_timeout=60.0))
     quiet = await RawClient.connect(daemon.config.socket_path)
     await quiet.hello()
     start_time = trio.current_time()
@@ -72,7 +65,9 @@ async def test_slow_sender_half_a_frame(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, limited(make_config, slow_sender_timeout=5.0, idle_timeout=0))
+    daemon = await start_daemon(
+        nursery, limited(make_config, slow_sender_timeout=5.0, idle_timeout=0)
+    )
     slow = await RawClient.connect(daemon.config.socket_path)
     good = await RawClient.connect(daemon.config.socket_path)
     assert isinstance(await slow.hello(), Welcome)
@@ -92,7 +87,9 @@ async def test_trickling_bytes_do_not_reset_the_frame_clock(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, limited(make_config, slow_sender_timeout=5.0, idle_timeout=0))
+    daemon = await start_daemon(
+        nursery, limited(make_config, slow_sender_timeout=5.0, idle_timeout=0)
+    )
     slow = await RawClient.connect(daemon.config.socket_path)
     await slow.hello()
     await slow.send_raw(struct.pack(">I", 100))
@@ -113,7 +110,7 @@ async def test_rate_limit(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, limited(make_config, rate_limit=100.0))
+    daemon = await start_daemon(nursery, limited(make_config, rate_limit=100.0))
     fast = await RawClient.connect(daemon.config.socket_path)
     await fast.hello()
     for seq in range(1, 101):  # the bucket holds one second's worth
@@ -137,7 +134,7 @@ async def test_uid_allowlist(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     me = os.getuid()
-    daemon = await start(nursery, limited(make_config, allow_uids=f"{me + 4242}"))
+    daemon = await start_daemon(nursery, limited(make_config, allow_uids=f"{me + 4242}"))
     client = await RawClient.connect(daemon.config.socket_path)
     error = await fatal_error(client)
     assert error.code == "peer_not_allowed"
@@ -151,7 +148,7 @@ async def test_gid_allowlist_admits(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(
+    daemon = await start_daemon(
         nursery, limited(make_config, allow_uids="4242", allow_gids=str(os.getgid()))
     )
     client = await RawClient.connect(daemon.config.socket_path)
@@ -168,7 +165,7 @@ async def test_max_connections(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, limited(make_config, max_connections=2))
+    daemon = await start_daemon(nursery, limited(make_config, max_connections=2))
     first = await RawClient.connect(daemon.config.socket_path)
     second = await RawClient.connect(daemon.config.socket_path)
     await first.hello()
@@ -187,7 +184,7 @@ async def test_socket_group(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    daemon = await start(nursery, limited(make_config, socket_group=str(os.getgid())))
+    daemon = await start_daemon(nursery, limited(make_config, socket_group=str(os.getgid())))
     assert daemon.config.socket_path.stat().st_gid == os.getgid()
     daemon.stop()
 

@@ -23,6 +23,7 @@ from pfcollector.devmaster import DevMaster
 from pfcollector.events import Kind
 from pfcollector.metrics import Metrics
 from pfcollector.protocol import Ack, EventMsg
+from tests.conftest import start_daemon
 from tests.wire import RawClient, event
 
 
@@ -45,13 +46,6 @@ async def scrape(port: int, path: str = "/metrics") -> httpx.Response:
         return await client.get(f"http://127.0.0.1:{port}{path}")
 
 
-async def start(nursery: trio.Nursery, config: Config) -> Daemon:
-    daemon: Daemon = await nursery.start(
-        lambda task_status: Daemon(config).run(handle_signals=False, task_status=task_status)
-    )
-    return daemon
-
-
 async def send(daemon: Daemon, *events: EventMsg) -> None:
     """Send ``events`` on one connection and return once the daemon has acked them all."""
     client = await RawClient.connect(daemon.config.socket_path)
@@ -70,7 +64,9 @@ async def test_local_daemon_scrape(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> None:
     port = free_port()
-    daemon = await start(nursery, make_config(metrics_addr=f"127.0.0.1:{port}", coalesce=False))
+    daemon = await start_daemon(
+        nursery, make_config(metrics_addr=f"127.0.0.1:{port}", coalesce=False)
+    )
     await send(daemon, event(1, Kind.CRASH), event(2, Kind.COVERAGE), event(3, Kind.COVERAGE))
     response = await scrape(port)
     assert response.status_code == 200
@@ -106,7 +102,7 @@ async def test_delivery_metrics_against_the_master(
             retry_cap=0.05,
         )
         master.faults.fail_next(1, status=503)
-        daemon = await start(nursery, config)
+        daemon = await start_daemon(nursery, config)
         await send(daemon, *(event(i, Kind.CRASH) for i in range(1, 4)))
         with trio.fail_after(10):
             while master.count("crash") < 3 or daemon.spool.total_count:

@@ -13,16 +13,14 @@ from pathlib import Path
 import trio
 
 from pfcollector.config import Config
-from pfcollector.daemon import Daemon
 from pfcollector.events import Kind
 from pfcollector.ingest import Pending
 from pfcollector.policies import Coalescer, crash_signature
-from pfcollector.protocol import Ack, ErrorMsg, EventMsg
 from pfcollector.server import Server
 from pfcollector.spool import Spool
 
-from .conftest import make_event
-from .wire import RawClient, event
+from .conftest import make_event, start_daemon
+from .wire import RawClient, event, exchange
 
 
 def test_stats_latest_wins_per_key() -> None:
@@ -82,36 +80,15 @@ async def _no_control(op: str, args: object, peer: object) -> None:
     return None
 
 
-async def send_and_ack(client: RawClient, events: list[EventMsg]) -> list[ErrorMsg]:
-    for ev in events:
-        await client.send(ev)
-    errors = []
-    with trio.fail_after(10):
-        while True:
-            msg = await client.recv()
-            assert msg is not None
-            if isinstance(msg, ErrorMsg):
-                errors.append(msg)
-            elif isinstance(msg, Ack) and msg.seq >= events[-1].seq:
-                return errors
-
-
-async def start(nursery: trio.Nursery, config: Config) -> Daemon:
-    daemon: Daemon = await nursery.start(
-        lambda task_status: Daemon(config).run(handle_signals=False, task_status=task_status)
-    )
-    return daemon
-
-
 async def test_daemon_coalesces_stats_and_coverage(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> None:
-    daemon = await start(nursery, make_config(flush_interval=0.2))
+    daemon = await start_daemon(nursery, make_config(flush_interval=0.2))
     client = await RawClient.connect(daemon.config.socket_path)
     await client.hello()
     events = [event(s, Kind.STATS, executions=s) for s in range(1, 1001)]
     events += [event(s, Kind.COVERAGE, edges=s, new_edges=1) for s in range(1001, 1101)]
-    assert await send_and_ack(client, events) == []  # acked at once: accepted, not durable
+    assert await exchange(client, events) == []  # acked at once: accepted, not durable
     with trio.fail_after(10):
         while daemon.spool.total_count < 2:
             await trio.sleep(0.05)
@@ -133,10 +110,10 @@ async def test_stop_pushes_what_is_coalesced(
 ) -> None:
     config = make_config(flush_interval=3600.0)
     async with trio.open_nursery() as nursery:
-        daemon = await start(nursery, config)
+        daemon = await start_daemon(nursery, config)
         client = await RawClient.connect(config.socket_path)
         await client.hello()
-        await send_and_ack(client, [event(s, Kind.STATS, executions=s) for s in range(1, 50)])
+        await exchange(client, [event(s, Kind.STATS, executions=s) for s in range(1, 50)])
         await client.aclose()
         daemon.stop()
     spool = Spool(config.spool_path)
@@ -148,12 +125,12 @@ async def test_stop_pushes_what_is_coalesced(
 async def test_crash_dedupe_counts_hits(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> None:
-    daemon = await start(nursery, make_config())
+    daemon = await start_daemon(nursery, make_config())
     client = await RawClient.connect(daemon.config.socket_path)
     await client.hello()
     same = [event(s, Kind.CRASH, input=b"same input") for s in range(1, 51)]
     other_signal = event(51, Kind.CRASH, input=b"same input", signal=6)
-    assert await send_and_ack(client, [*same, other_signal]) == []
+    assert await exchange(client, [*same, other_signal]) == []
     rows = [r.event for r in daemon.spool.read_after(0, 100)]
     assert [e.id for e in rows] == [same[0].id, other_signal.id]  # the first is kept
     status = await daemon.status()
@@ -164,7 +141,7 @@ async def test_crash_dedupe_counts_hits(
     assert top["hits"] == 50
     assert top["first_id"] == same[0].id
     # A resend of the first crash (same id) is not a repeat.
-    assert await send_and_ack(client, [event(52, Kind.CRASH, input=b"same input")]) == []
+    assert await exchange(client, [event(52, Kind.CRASH, input=b"same input")]) == []
     await client.aclose()
     daemon.stop()
 
@@ -172,10 +149,10 @@ async def test_crash_dedupe_counts_hits(
 async def test_crash_dedupe_can_be_switched_off(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> None:
-    daemon = await start(nursery, make_config(crash_dedupe=False))
+    daemon = await start_daemon(nursery, make_config(crash_dedupe=False))
     client = await RawClient.connect(daemon.config.socket_path)
     await client.hello()
-    assert await send_and_ack(client, [event(s, Kind.CRASH, input=b"x") for s in range(1, 6)]) == []
+    assert await exchange(client, [event(s, Kind.CRASH, input=b"x") for s in range(1, 6)]) == []
     assert daemon.spool.total_count == 5
     await client.aclose()
     daemon.stop()
@@ -184,7 +161,7 @@ async def test_crash_dedupe_can_be_switched_off(
 async def test_corpus_dedupe_by_name_and_by_content(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> None:
-    daemon = await start(nursery, make_config())
+    daemon = await start_daemon(nursery, make_config())
     client = await RawClient.connect(daemon.config.socket_path)
     await client.hello()
     events = [
@@ -194,7 +171,7 @@ async def test_corpus_dedupe_by_name_and_by_content(
         event(4, Kind.CORPUS, files=["x1", "x2"], contents=[b"AAAA", b"BBBB"]),
         event(5, Kind.CORPUS, files=["y1"], contents=[b"AAAA"]),  # same bytes, other name
     ]
-    assert await send_and_ack(client, events) == []
+    assert await exchange(client, events) == []
     rows = {r.event.id: r.event for r in daemon.spool.read_after(0, 100)}
     assert rows[events[0].id].fields["files"] == ["q/a", "q/b"]
     assert rows[events[1].id].fields["files"] == ["q/c"]
@@ -211,7 +188,7 @@ async def test_corpus_dedupe_by_name_and_by_content(
     status = await daemon.status()
     assert status["spool"]["kinds"]["corpus"]["deduped"] == 2
     bad = event(6, Kind.CORPUS, files=["z"], contents=[b"1", b"2"])
-    (error,) = await send_and_ack(client, [bad])
+    (error,) = await exchange(client, [bad])
     assert error.field == "contents"
     await client.aclose()
     daemon.stop()

@@ -11,7 +11,9 @@ import trio
 
 from pfcollector.events import Kind
 from pfcollector.protocol import (
+    Ack,
     ClientMessage,
+    ErrorMsg,
     EventMsg,
     Hello,
     ServerMessage,
@@ -72,3 +74,20 @@ def event(seq: int, kind: Kind = Kind.COVERAGE, **fields: Any) -> EventMsg:
         Kind.CORPUS: {"files": [f"id:{seq}"], "total_size": seq},
     }
     return EventMsg(seq, kind, {**defaults[kind], **fields}, f"ev-{seq}-{kind.value}", None, None)
+
+
+async def exchange(
+    client: RawClient, events: list[EventMsg], limit: float = 20.0
+) -> list[ErrorMsg]:
+    """Send ``events``; wait for the cumulative ack of the last; return the errors seen."""
+    for ev in events:
+        await client.send(ev)
+    errors: list[ErrorMsg] = []
+    with trio.fail_after(limit):
+        while True:
+            msg = await client.recv()
+            assert msg is not None, "the daemon closed the connection"
+            if isinstance(msg, ErrorMsg):
+                errors.append(msg)
+            elif isinstance(msg, Ack) and msg.seq >= events[-1].seq:
+                return errors
