@@ -219,3 +219,11 @@ async def test_reload_applies_runtime_keys_and_keeps_the_rest(
     finally:
         logging.getLogger().setLevel(root_level)
         daemon.stop()
+
+
+def test_empty_variables_count_as_unset(tmp_path: Path) -> None:
+    env = {"PFCOLLECTOR_SOCKET": "", "PFCOLLECTOR_BATCH_SIZE": "  ", "HOME": str(tmp_path)}
+    loaded = load(env=env)
+    assert str(loaded.config.socket_path) != "."
+    assert loaded.config.batch_size == 100
+    assert loaded.sources["batch_size"] == "default"

@@ -365,6 +365,8 @@ def load(
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
+        if not raw.strip():
+            continue  # PFCOLLECTOR_SOCKET= (empty) means unset, as in default_socket_path
         key = _ENV_KEYS.get(name)
         if key is None:
             close = difflib.get_close_matches(name, _ENV_KEYS, n=1, cutoff=0.85)
