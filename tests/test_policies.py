@@ -10,12 +10,14 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from pfcollector.config import Config
 from pfcollector.events import Kind
 from pfcollector.ingest import Pending
 from pfcollector.policies import Coalescer, crash_signature
+from pfcollector.protocol import EventMsg
 from pfcollector.server import Server
 from pfcollector.spool import Spool
 
@@ -206,3 +208,32 @@ def test_refused_crash_is_not_marked_seen(tmp_path: Path) -> None:
     assert spool.append([again], None, [["sig"]]) == [None]
     assert [r.event.id for r in spool.read_after(0, 10)] == [again.id]  # stored, not "a repeat"
     spool.close()
+
+
+def test_a_full_coalescer_takes_no_new_key() -> None:
+    c = Coalescer(max_keys=2)
+    assert c.add(make_event(Kind.STATS, job_id="a"))
+    assert c.add(make_event(Kind.STATS, job_id="b"))
+    assert not c.add(make_event(Kind.STATS, job_id="c"))  # the caller spools it instead
+    assert c.add(make_event(Kind.STATS, job_id="a", executions=9))  # a known key still merges
+    assert len(c) == 2
+
+
+async def test_job_id_per_event_cannot_grow_memory(
+    make_config: Callable[..., Config], nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pfcollector.server.Coalescer", lambda: Coalescer(max_keys=10))
+    daemon = await start_daemon(nursery, make_config(flush_interval=3600.0))
+    client = await RawClient.connect(daemon.config.socket_path)
+    await client.hello()
+    events = [
+        EventMsg(s, Kind.STATS, {"executions": s}, f"s-{s}", None, f"job-{s}")
+        for s in range(1, 201)
+    ]
+    assert await exchange(client, events) == []
+    coalescer = daemon.server.coalescer
+    assert coalescer is not None
+    assert len(coalescer) <= 10  # bounded; the rest went to the spool
+    assert len(coalescer) + daemon.spool.total_count == 200  # nothing dropped
+    await client.aclose()
+    daemon.stop()

@@ -44,13 +44,20 @@ class Coalescer:
         self.absorbed: Counter[str] = Counter()
         self._pending: dict[tuple[Any, ...], Event] = {}
 
-    def add(self, event: Event) -> None:
-        """Take a stats or coverage event; merge it into what is pending for its key."""
+    def add(self, event: Event) -> bool:
+        """Merge a stats or coverage event into what is pending for its key.
+
+        Returns False, taking nothing, when the event has a new key and the coalescer is
+        full: the caller sends it the durable way, which has flow control, so a producer
+        inventing a job id per event cannot grow memory without bound.
+        """
         key = (event.kind, event.job_id, event.fuzzer, event.peer_pid)
         held = self._pending.get(key)
         if held is None:
+            if len(self._pending) >= self.max_keys:
+                return False
             self._pending[key] = event
-            return
+            return True
         self.absorbed[event.kind] += 1
         if event.kind is Kind.COVERAGE:
             fields = dict(event.fields)
@@ -59,6 +66,7 @@ class Coalescer:
             )
             event = dataclasses.replace(event, fields=fields)
         self._pending[key] = event
+        return True
 
     @property
     def full(self) -> bool:

@@ -477,11 +477,13 @@ class Server:
         self.stats.received[msg.kind] += 1
         self.stats.accepted[msg.kind] += 1
         if self.coalescer is not None and msg.kind in COALESCED_KINDS:
-            self.coalescer.add(event)  # accepted now; the spool gets the merge per interval
+            taken = self.coalescer.add(event)  # accepted now; spooled merged per interval
             if self.coalescer.full:
-                self._coalescer_full.set()
-            tracker.handled(msg.seq)
-            return
+                self._coalescer_full.set()  # push early rather than grow
+            if taken:
+                tracker.handled(msg.seq)
+                return
+            # Full of other keys: this one goes to the spool like a crash (flow control).
         tracker.submitted(msg.seq)
         pending = Pending(event, data, tracker, msg.seq)
         try:
