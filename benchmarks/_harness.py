@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pfcollector.cli import DaemonUnreachable, request
+from pfcollector.control import DaemonUnreachable, request
 
 __all__ = [
     "CHILDREN",

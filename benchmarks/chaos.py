@@ -182,7 +182,7 @@ class Daemon:
             time.sleep(0.05)
 
     def request(self, op: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
-        from pfcollector.cli import request
+        from pfcollector.control import request
 
         return request(self.socket_path, op, args, timeout=timeout)
 

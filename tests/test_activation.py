@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pfcollector.activation import ActivationError, listen_socket
-from pfcollector.cli import DaemonUnreachable, request
+from pfcollector.control import DaemonUnreachable, request
 
 WRAPPER = """
 import os, sys

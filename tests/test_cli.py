@@ -19,10 +19,11 @@ import pytest
 import trio
 from typer.testing import CliRunner, Result
 
-from pfcollector.cli import app, format_watch
+from pfcollector.cli import app
 from pfcollector.daemon import Daemon
 from pfcollector.events import Kind
 from pfcollector.protocol import Ack
+from pfcollector.statusview import format_watch
 from tests.wire import RawClient, event
 
 runner = CliRunner()

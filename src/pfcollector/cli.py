@@ -15,25 +15,23 @@ import functools
 import inspect
 import json
 import logging
-import socket
-import struct
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import msgpack
 import trio
 import typer
 
 from . import __version__
-from .config import Config, ConfigError, Loaded, check_file, default_socket_path, load
+from .config import Config, ConfigError, Loaded, check_file, load
+from .control import DaemonUnreachable, request
 from .logs import setup_logging
-from .protocol import HEADER_SIZE, Control, ErrorMsg, Reply, encode, parse_server_message
+from .statusview import format_bytes, format_status, format_watch
 from .tools import register_tools
 
-__all__ = ["DaemonUnreachable", "app", "format_status", "format_watch", "main", "request"]
+__all__ = ["app", "main"]
 
 app = typer.Typer(
     name="pfcollector",
@@ -60,56 +58,6 @@ SocketOpt = Annotated[
         "$XDG_RUNTIME_DIR/pfcollector.sock, or /tmp/pfcollector-<uid>.sock]",
     ),
 ]
-
-
-class DaemonUnreachable(Exception):
-    """No daemon answers on the socket. The message names the path and the reason."""
-
-
-def request(
-    socket_path: Path | None, op: str, args: dict[str, Any] | None = None, timeout: float = 5.0
-) -> Any:
-    """Send one control request to the daemon and return its result.
-
-    Error handling:
-        :class:`DaemonUnreachable` when nothing answers; ``RuntimeError`` with the daemon's
-        message when it answers with an error.
-    """
-    path = socket_path or default_socket_path()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        try:
-            sock.connect(str(path))
-        except OSError as exc:
-            raise DaemonUnreachable(
-                f"no pfcollector daemon at {path}: {exc.strerror or exc}"
-            ) from None
-        sock.sendall(encode(Control(1, op, args or {})))
-        while True:
-            (length,) = struct.unpack(">I", _recv_exact(sock, HEADER_SIZE, path))
-            msg = parse_server_message(msgpack.unpackb(_recv_exact(sock, length, path), raw=False))
-            if isinstance(msg, Reply) and msg.req == 1:
-                if not msg.ok:
-                    raise RuntimeError(msg.error or "the daemon refused the request")
-                return msg.result
-            if isinstance(msg, ErrorMsg):
-                raise RuntimeError(f"{msg.code}: {msg.message}")
-    except TimeoutError:
-        raise DaemonUnreachable(f"the daemon at {path} did not answer within {timeout}s") from None
-    finally:
-        sock.close()
-
-
-def _recv_exact(sock: socket.socket, n: int, path: Path) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        chunk = sock.recv(n - got)
-        if not chunk:
-            raise DaemonUnreachable(f"the daemon at {path} closed the connection")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
 
 
 def _ask(socket_path: Path | None, op: str, args: dict[str, Any] | None = None) -> Any:
@@ -507,9 +455,11 @@ def spool_check(
     else:
         typer.echo(f"spool {report['path']}: {report['integrity']}")
         if report["exists"] and "kinds" in report:
-            typer.echo(f"file: {_bytes(report['file_bytes'])} on disk")
+            typer.echo(f"file: {format_bytes(report['file_bytes'])} on disk")
             for kind, row in sorted(report["kinds"].items()):
-                typer.echo(f"  {kind:<9} {row['events']:>10} events {_bytes(row['bytes']):>12}")
+                typer.echo(
+                    f"  {kind:<9} {row['events']:>10} events {format_bytes(row['bytes']):>12}"
+                )
             for kind, n in sorted(report["dead_letters"].items()):
                 typer.echo(f"  {kind:<9} {n:>10} dead letters")
     if not report["ok"]:
@@ -542,129 +492,6 @@ def dev_master(
 def version() -> None:
     """Print the version."""
     typer.echo(f"pfcollector {__version__}")
-
-
-def format_status(s: dict[str, Any]) -> str:
-    """The human view of a status reply: a few readable tables."""
-    cfg, conns, spool = s["config"], s["connections"], s["spool"]
-    where = "local mode (no master)" if s["mode"] == "local" else f"master {cfg['master_url']}"
-    lines = [
-        f"pfcollector {s['version']}  pid {s['pid']}  up {s['uptime_s']:.0f}s  {where}",
-        f"connections: {conns['current']} now, {conns['total']} total (max {conns['max']})",
-        f"queue: {s['queue']['depth']}/{s['queue']['capacity']}   "
-        f"spool: {spool['events']} events, {_bytes(spool['bytes'])} of "
-        f"{_bytes(spool['max_bytes'])}  ({spool['path']})",
-        f"batch size {cfg['batch_size']}, flush every {cfg['flush_interval']}s, "
-        f"data dir {cfg['data_dir']}",
-        "",
-        f"{'kind':<9}{'received':>10}{'accepted':>10}{'rejected':>10}{'spooled':>10}"
-        f"{'delivered':>11}{'retried':>9}{'dead':>7}{'dropped':>9}{'oldest':>9}",
-    ]
-    for kind, ev in s["events"].items():
-        sp = spool["kinds"].get(kind, {})
-        age = sp.get("oldest_age_s")
-        lines.append(
-            f"{kind:<9}{ev['received']:>10}{ev['accepted']:>10}{ev['rejected']:>10}"
-            f"{sp.get('spooled', 0):>10}{sp.get('delivered', 0):>11}{sp.get('retried', 0):>9}"
-            f"{sp.get('dead_letters', 0):>7}{sp.get('dropped', 0):>9}"
-            f"{'-' if age is None else f'{age:.0f}s':>9}"
-        )
-    delivery = s.get("delivery")
-    if delivery:
-        br, snd = delivery["breaker"], delivery["sender"]
-        lines += ["", f"bot {delivery['bot_id']} ({delivery['mode']} mode), breaker {br['state']}"]
-        lines.append(f"last success: {_when(snd['last_success']['wall'])}")
-        err = snd["last_error"]
-        lines.append(f"last error:   {_when(err['wall'])}  {err['text'] or ''}".rstrip())
-    if conns["live"]:
-        lines += ["", f"{'conn':>5} {'pid':>8} {'uid':>6}  {'events':>8}  job / fuzzer"]
-        for c in conns["live"]:
-            lines.append(
-                f"{c['id']:>5} {c['pid']:>8} {c['uid']:>6}  {c['events']:>8}  "
-                f"{c['job_id'] or '-'} / {c['fuzzer'] or '-'}"
-            )
-    return "\n".join(lines)
-
-
-def _when(wall: float | None) -> str:
-    if wall is None:
-        return "-"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
-    return f"{stamp} ({max(0.0, time.time() - wall):.0f}s ago)"
-
-
-def _bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def format_watch(
-    prev: dict[str, Any] | None, cur: dict[str, Any], problem: str | None = None
-) -> str:
-    """One frame of ``status --watch``: per-kind rates since ``prev``, spool, breaker, errors.
-
-    Rates are counter deltas over the daemon's own uptime delta (blank on the first frame).
-    """
-    dt = cur["uptime_s"] - prev["uptime_s"] if prev is not None else 0.0
-    spool, conns = cur["spool"], cur["connections"]
-    where = "local mode" if cur["mode"] == "local" else f"master {cur['config']['master_url']}"
-    lines = [
-        f"pfcollector {cur['version']}  pid {cur['pid']}  up {_duration(cur['uptime_s'])}  "
-        f"{where}  {time.strftime('%H:%M:%S')}" + ("  DRAINING" if cur.get("draining") else ""),
-        "",
-        f"{'kind':<10}{'in/s':>9}{'out/s':>9}{'spooled':>10}{'oldest':>9}{'dead':>7}"
-        f"{'dropped':>9}{'received':>11}",
-    ]
-
-    def rate(new: float, old: float) -> str:
-        return f"{max(0.0, new - old) / dt:.1f}" if dt > 0 else "-"
-
-    for kind, ev in cur["events"].items():
-        sp = spool["kinds"].get(kind, {})
-        old_ev = prev["events"].get(kind, {}) if prev else {}
-        old_sp = prev["spool"]["kinds"].get(kind, {}) if prev else {}
-        age = sp.get("oldest_age_s")
-        lines.append(
-            f"{kind:<10}{rate(ev['received'], old_ev.get('received', 0)):>9}"
-            f"{rate(sp.get('delivered', 0), old_sp.get('delivered', 0)):>9}"
-            f"{sp.get('spooled', 0):>10}{'-' if age is None else _duration(age):>9}"
-            f"{sp.get('dead_letters', 0):>7}{sp.get('dropped', 0):>9}{ev['received']:>11}"
-        )
-    used = spool["bytes"] / spool["max_bytes"] * 100 if spool["max_bytes"] else 0.0
-    lines += [
-        "",
-        f"spool  {spool['events']} events, {_bytes(spool['bytes'])} of "
-        f"{_bytes(spool['max_bytes'])} ({used:.1f}%)   queue {cur['queue']['depth']}/"
-        f"{cur['queue']['capacity']}   connections {conns['current']}",
-    ]
-    delivery = cur.get("delivery")
-    if delivery:
-        br, snd = delivery["breaker"], delivery["sender"]
-        retry = f" (probe in {br['retry_in']:.0f}s)" if br.get("retry_in") is not None else ""
-        lines.append(
-            f"breaker {br['state'].upper()}{retry}   requests {snd['requests']}  "
-            f"retries {snd['retries']}   last success {_when(snd['last_success']['wall'])}"
-        )
-        err = snd["last_error"]
-        lines.append(f"last error  {_when(err['wall'])}  {err['text'] or ''}".rstrip())
-    else:
-        lines.append("breaker -  (local mode: nothing is sent)")
-    if problem:
-        lines += ["", f"!! {problem}"]
-    return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _setup_logging(level: str) -> None:

@@ -1,0 +1,135 @@
+"""The human views of a status reply: ``pfcollector status`` and ``status --watch``.
+
+Plain functions of the ``status --json`` document (docs/status.md), so they are tested without
+a daemon.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+__all__ = ["format_bytes", "format_status", "format_watch"]
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """The human view of a status reply: a few readable tables."""
+    cfg, conns, spool = s["config"], s["connections"], s["spool"]
+    where = "local mode (no master)" if s["mode"] == "local" else f"master {cfg['master_url']}"
+    lines = [
+        f"pfcollector {s['version']}  pid {s['pid']}  up {s['uptime_s']:.0f}s  {where}",
+        f"connections: {conns['current']} now, {conns['total']} total (max {conns['max']})",
+        f"queue: {s['queue']['depth']}/{s['queue']['capacity']}   "
+        f"spool: {spool['events']} events, {format_bytes(spool['bytes'])} of "
+        f"{format_bytes(spool['max_bytes'])}  ({spool['path']})",
+        f"batch size {cfg['batch_size']}, flush every {cfg['flush_interval']}s, "
+        f"data dir {cfg['data_dir']}",
+        "",
+        f"{'kind':<9}{'received':>10}{'accepted':>10}{'rejected':>10}{'spooled':>10}"
+        f"{'delivered':>11}{'retried':>9}{'dead':>7}{'dropped':>9}{'oldest':>9}",
+    ]
+    for kind, ev in s["events"].items():
+        sp = spool["kinds"].get(kind, {})
+        age = sp.get("oldest_age_s")
+        lines.append(
+            f"{kind:<9}{ev['received']:>10}{ev['accepted']:>10}{ev['rejected']:>10}"
+            f"{sp.get('spooled', 0):>10}{sp.get('delivered', 0):>11}{sp.get('retried', 0):>9}"
+            f"{sp.get('dead_letters', 0):>7}{sp.get('dropped', 0):>9}"
+            f"{'-' if age is None else f'{age:.0f}s':>9}"
+        )
+    delivery = s.get("delivery")
+    if delivery:
+        br, snd = delivery["breaker"], delivery["sender"]
+        lines += ["", f"bot {delivery['bot_id']} ({delivery['mode']} mode), breaker {br['state']}"]
+        lines.append(f"last success: {_when(snd['last_success']['wall'])}")
+        err = snd["last_error"]
+        lines.append(f"last error:   {_when(err['wall'])}  {err['text'] or ''}".rstrip())
+    if conns["live"]:
+        lines += ["", f"{'conn':>5} {'pid':>8} {'uid':>6}  {'events':>8}  job / fuzzer"]
+        for c in conns["live"]:
+            lines.append(
+                f"{c['id']:>5} {c['pid']:>8} {c['uid']:>6}  {c['events']:>8}  "
+                f"{c['job_id'] or '-'} / {c['fuzzer'] or '-'}"
+            )
+    return "\n".join(lines)
+
+
+def _when(wall: float | None) -> str:
+    if wall is None:
+        return "-"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
+    return f"{stamp} ({max(0.0, time.time() - wall):.0f}s ago)"
+
+
+def format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def format_watch(
+    prev: dict[str, Any] | None, cur: dict[str, Any], problem: str | None = None
+) -> str:
+    """One frame of ``status --watch``: per-kind rates since ``prev``, spool, breaker, errors.
+
+    Rates are counter deltas over the daemon's own uptime delta (blank on the first frame).
+    """
+    dt = cur["uptime_s"] - prev["uptime_s"] if prev is not None else 0.0
+    spool, conns = cur["spool"], cur["connections"]
+    where = "local mode" if cur["mode"] == "local" else f"master {cur['config']['master_url']}"
+    lines = [
+        f"pfcollector {cur['version']}  pid {cur['pid']}  up {_duration(cur['uptime_s'])}  "
+        f"{where}  {time.strftime('%H:%M:%S')}" + ("  DRAINING" if cur.get("draining") else ""),
+        "",
+        f"{'kind':<10}{'in/s':>9}{'out/s':>9}{'spooled':>10}{'oldest':>9}{'dead':>7}"
+        f"{'dropped':>9}{'received':>11}",
+    ]
+
+    def rate(new: float, old: float) -> str:
+        return f"{max(0.0, new - old) / dt:.1f}" if dt > 0 else "-"
+
+    for kind, ev in cur["events"].items():
+        sp = spool["kinds"].get(kind, {})
+        old_ev = prev["events"].get(kind, {}) if prev else {}
+        old_sp = prev["spool"]["kinds"].get(kind, {}) if prev else {}
+        age = sp.get("oldest_age_s")
+        lines.append(
+            f"{kind:<10}{rate(ev['received'], old_ev.get('received', 0)):>9}"
+            f"{rate(sp.get('delivered', 0), old_sp.get('delivered', 0)):>9}"
+            f"{sp.get('spooled', 0):>10}{'-' if age is None else _duration(age):>9}"
+            f"{sp.get('dead_letters', 0):>7}{sp.get('dropped', 0):>9}{ev['received']:>11}"
+        )
+    used = spool["bytes"] / spool["max_bytes"] * 100 if spool["max_bytes"] else 0.0
+    lines += [
+        "",
+        f"spool  {spool['events']} events, {format_bytes(spool['bytes'])} of "
+        f"{format_bytes(spool['max_bytes'])} ({used:.1f}%)   queue {cur['queue']['depth']}/"
+        f"{cur['queue']['capacity']}   connections {conns['current']}",
+    ]
+    delivery = cur.get("delivery")
+    if delivery:
+        br, snd = delivery["breaker"], delivery["sender"]
+        retry = f" (probe in {br['retry_in']:.0f}s)" if br.get("retry_in") is not None else ""
+        lines.append(
+            f"breaker {br['state'].upper()}{retry}   requests {snd['requests']}  "
+            f"retries {snd['retries']}   last success {_when(snd['last_success']['wall'])}"
+        )
+        err = snd["last_error"]
+        lines.append(f"last error  {_when(err['wall'])}  {err['text'] or ''}".rstrip())
+    else:
+        lines.append("breaker -  (local mode: nothing is sent)")
+    if problem:
+        lines += ["", f"!! {problem}"]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
