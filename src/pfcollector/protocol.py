@@ -162,7 +162,9 @@ class Hello:
     pid: int
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per event on the hot path, and a frozen dataclass's __init__
+# costs 4x a plain one (0.95 against 0.2 us measured). Treat it as read-only.
+@dataclass(slots=True)
 class EventMsg:
     """One validated event. ``fields`` has every field of the kind's schema (defaults filled);
     a crash's input bytes are ``fields["input"]``. ``ts_ns`` is nanoseconds since the epoch."""

@@ -416,7 +416,9 @@ class Server:
                             ), fatal=True))  # fmt: skip
                             return True
                         tokens -= 1
-                    await self._accept_event(msg, conn, info, tracker)
+                    event, kept = self._event(msg, conn, info)
+                    if not self._coalesce(event, msg.seq, tracker):  # no await per snapshot
+                        await self._spool_event(event, kept, msg.seq, tracker)
                 elif isinstance(msg, Hello):
                     info.job_id, info.fuzzer = msg.job_id, msg.fuzzer
                     await send(Welcome(1, f"pfcollector {__version__}", self.max_frame))
@@ -452,47 +454,59 @@ class Server:
                 while await stream.receive_some(READ_SIZE):
                     pass
 
-    async def _accept_event(
-        self, msg: EventMsg, conn: ServerConnection, info: ConnectionInfo, tracker: AckTracker
-    ) -> None:
+    def _event(
+        self, msg: EventMsg, conn: ServerConnection, info: ConnectionInfo
+    ) -> tuple[Event, bytes | list[bytes] | None]:
+        """The stored form of an accepted event, and the bytes kept beside it (if any)."""
         hello = conn.hello
         assert hello is not None  # the protocol refuses events before hello
-        fields = dict(msg.fields)
+        kind, fields = msg.kind, msg.fields  # the decoder's own dict: no copy needed
         data: bytes | list[bytes] | None = None
-        if msg.kind is Kind.CRASH:
+        if kind is Kind.CRASH:
             data = fields.pop("input")
-        elif msg.kind is Kind.CORPUS:
+        elif kind is Kind.CORPUS:
             data = fields.pop("contents")
-        event = Event(
-            id=msg.id or str(uuid.uuid4()),
-            kind=msg.kind,
-            job_id=msg.job_id or hello.job_id,
-            fuzzer=hello.fuzzer,
-            timestamp_ns=msg.ts_ns if msg.ts_ns is not None else time.time_ns(),
-            fields=fields,
-            peer_pid=info.pid,
-            peer_uid=info.uid,
-        )
         info.events += 1
-        self.stats.received[msg.kind] += 1
-        self.stats.accepted[msg.kind] += 1
-        if self.coalescer is not None and msg.kind in COALESCED_KINDS:
-            taken = self.coalescer.add(event)  # accepted now; spooled merged per interval
-            if self.coalescer.full:
-                self._coalescer_full.set()  # push early rather than grow
-            if taken:
-                tracker.handled(msg.seq)
-                return
-            # Full of other keys: this one goes to the spool like a crash (flow control).
-        tracker.submitted(msg.seq)
-        pending = Pending(event, data, tracker, msg.seq)
+        self.stats.received[kind] += 1
+        self.stats.accepted[kind] += 1
+        event = Event(
+            msg.id or str(uuid.uuid4()),
+            kind,
+            msg.job_id or hello.job_id,
+            hello.fuzzer,
+            msg.ts_ns if msg.ts_ns is not None else time.time_ns(),
+            fields,
+            info.pid,
+            info.uid,
+        )
+        return event, data
+
+    def _coalesce(self, event: Event, seq: int, tracker: AckTracker) -> bool:
+        """Merge a stats/coverage event in memory (acked at once); False if it must be spooled."""
+        coalescer = self.coalescer
+        if coalescer is None or event.kind not in COALESCED_KINDS:
+            return False
+        taken = coalescer.add(event)
+        if coalescer.full:
+            self._coalescer_full.set()  # push early rather than grow
+        if taken:
+            tracker.handled(seq)
+        # Not taken: full of other keys, so this one goes to the spool (flow control).
+        return taken
+
+    async def _spool_event(
+        self, event: Event, data: bytes | list[bytes] | None, seq: int, tracker: AckTracker
+    ) -> None:
+        """Hand an event to the group commit; its ack follows the commit."""
+        tracker.submitted(seq)
+        pending = Pending(event, data, tracker, seq)
         try:
             self._ingest.send_nowait(pending)  # the common case: room, no scheduling round
         except trio.WouldBlock:
             try:
                 await self._ingest.send(pending)  # full: this producer waits (flow control)
             except BaseException:
-                tracker.withdraw(msg.seq)  # never stored, so never acknowledged
+                tracker.withdraw(seq)  # never stored, so never acknowledged
                 raise
 
     async def _answer(self, msg: Control, info: ConnectionInfo) -> Reply:
