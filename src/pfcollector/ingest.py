@@ -211,16 +211,16 @@ class GroupCommitter:
                 fields.setdefault("is_unique", True)
                 event = dataclasses.replace(event, fields=fields)
                 size = len(item.input)
-                if not inputs.has(sha):
-                    new.append((sha, item.input))
+                # Journal it even if the file may exist: a stat per crash on the commit path
+                # costs more than the rare extra row, and the writer skips existing files.
+                new.append((sha, item.input))
                 if self.crash_dedupe:
                     dedupe = [crash_signature(sha, fields["type"], fields["signal"])]
             elif event.kind is Kind.CORPUS:
                 files = list(event.fields["files"])
                 if item.input is not None:  # contents: dedupe by what the files hold
                     hashes = [inputs.digest(data) for data in item.input]
-                    new = [(h, d) for h, d in zip(hashes, item.input, strict=True)
-                           if not inputs.has(h)]  # fmt: skip
+                    new = list(zip(hashes, item.input, strict=True))
                     entry_sizes = [len(data) for data in item.input]
                     size = sum(entry_sizes)
                     fields = {**event.fields, "hashes": hashes, "sizes": entry_sizes}
