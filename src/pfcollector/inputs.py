@@ -50,10 +50,6 @@ class InputStore:
         """The name of ``data`` here: its SHA-256 in hex."""
         return hashlib.sha256(data).hexdigest()
 
-    def has(self, sha256: str) -> bool:
-        """Is this input already on disk?"""
-        return self.path_for(sha256).exists()
-
     def write(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Write ``(sha256, data)`` files and make them durable. Blocking: call in a thread.
 
