@@ -59,6 +59,7 @@ async def test_status_tune_flush_dead_letters(local_daemon: Daemon) -> None:
     result = await cli("status", "--socket", sock)
     assert result.exit_code == 0, result.output
     assert "local mode (no master)" in result.output and "coverage" in result.output
+    assert "(control)" in result.output  # the status request's own connection, labelled
     status = json.loads((await cli("status", "--socket", sock, "--json")).output)
     assert status["events"]["crash"]["accepted"] == 2 and status["spool"]["events"] == 4
 

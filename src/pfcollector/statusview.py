@@ -49,7 +49,8 @@ def format_status(s: dict[str, Any]) -> str:
         for c in conns["live"]:
             lines.append(
                 f"{c['id']:>5} {c['pid']:>8} {c['uid']:>6}  {c['events']:>8}  "
-                f"{c['job_id'] or '-'} / {c['fuzzer'] or '-'}"
+                # No hello: a control connection (this very status request, for one).
+                + (f"{c['job_id']} / {c['fuzzer']}" if c["job_id"] else "(control)")
             )
     return "\n".join(lines)
 
