@@ -494,11 +494,6 @@ def version() -> None:
     typer.echo(f"pfcollector {__version__}")
 
 
-def _setup_logging(level: str) -> None:
-    """Key=value logs at ``level`` (for subcommands outside ``serve``; see :mod:`.logs`)."""
-    setup_logging(level, "kv")
-
-
 def main() -> None:
     """Console-script entry point."""
     app()

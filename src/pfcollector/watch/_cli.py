@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..logs import setup_logging
 from ._afl import AflWatcher
 from ._libfuzzer import LibFuzzerWatcher
 from ._run import run_loop
@@ -44,9 +45,7 @@ def _state(path: Path | None, kind: str, watched: Path, job: str) -> StateFile:
 
 
 def _logging(level: str) -> None:
-    from ..cli import _setup_logging  # the daemon's key=value log lines
-
-    _setup_logging(level)
+    setup_logging(level, "kv")  # the daemon's key=value log lines
 
 
 @watch_app.command("afl")
