@@ -158,8 +158,11 @@ def _setting_flags(
         _flag("--coalesce/--no-coalesce", help="Merge stats and coverage between flushes [on]"),
     ] = None,
     crash_dedupe: Annotated[
-        bool | None,
-        _flag("--crash-dedupe/--no-crash-dedupe", help="Send a repeated crash once [on]"),
+        str | None,
+        _flag(
+            "--crash-dedupe",
+            help="Send one crash per bug, per input, or all: bug, input, off [bug]",
+        ),
     ] = None,
     log_level: Annotated[
         str | None, _flag("--log-level", help="debug, info, warning or error [info]")

@@ -28,6 +28,7 @@ import trio
 from . import __version__
 from .bots import heartbeat_loop, register
 from .breaker import CircuitBreaker
+from .bugs import top_per_job
 from .config import Config, ConfigError, runtime_changes
 from .events import Kind
 from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, InputWriter, Pending
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 #: Control operations the daemon answers on its socket.
 CONTROL_OPS = ("status", "dead_letters", "dead_letters_retry", "flush", "tune")
 _REGISTER_RETRY_CAP = 60.0
+#: Bugs shown in ``status`` per job, and the most read to find them (most hit first).
+TOP_BUGS_PER_JOB = 5
+TOP_BUGS_READ = 200
 
 
 class Daemon:
@@ -317,8 +321,11 @@ class Daemon:
     async def _policies(self) -> dict[str, Any]:
         coalescer = self.server.coalescer
         top = await trio.to_thread.run_sync(self.spool.top_repeats, Kind.CRASH, 5)
+        bug_rows = await trio.to_thread.run_sync(self.spool.bugs, None, TOP_BUGS_READ)
+        crash = {"dedupe": self.config.crash_dedupe, "top_repeats": top}
+        crash["top_bugs"] = top_per_job(bug_rows, TOP_BUGS_PER_JOB)
         return {
-            "crash": {"dedupe": self.config.crash_dedupe, "top_repeats": top},
+            "crash": crash,
             "corpus": {"dedupe": True},
             "coalesce": {
                 "enabled": coalescer is not None,

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import trio
 
+from .bugs import DedupeMode, crash_key, dedupe_mode
 from .events import Event, Kind
 from .inputs import InputStore
-from .policies import crash_signature
 from .spool import Spool
 
 __all__ = [
@@ -128,10 +128,12 @@ class Pending:
 class GroupCommitter:
     """The single writer of new events: many events per transaction, acks after commit."""
 
-    def __init__(self, spool: Spool, inputs: InputStore, *, crash_dedupe: bool = True) -> None:
+    def __init__(
+        self, spool: Spool, inputs: InputStore, *, crash_dedupe: DedupeMode | bool = "bug"
+    ) -> None:
         self.spool = spool
         self.inputs = inputs
-        self.crash_dedupe = crash_dedupe
+        self.crash_dedupe = dedupe_mode(crash_dedupe)
         #: The error code while writes fail (a full disk, say), None while they work.
         self.failing: str | None = None
         #: The last group had events refused for want of room (logged once per episode).
@@ -214,8 +216,8 @@ class GroupCommitter:
                 # Journal it even if the file may exist: a stat per crash on the commit path
                 # costs more than the rare extra row, and the writer skips existing files.
                 new.append((sha, item.input))
-                if self.crash_dedupe:
-                    dedupe = [crash_signature(sha, fields["type"], fields["signal"])]
+                # Per bug (its report's signature), per input, or not at all (bugs.py).
+                event, dedupe = crash_key(event, sha, self.crash_dedupe)
             elif event.kind is Kind.CORPUS:
                 files = list(event.fields["files"])
                 if item.input is not None:  # contents: dedupe by what the files hold

@@ -33,6 +33,7 @@ from typing import Any
 
 import msgpack
 
+from . import bugs
 from .events import DURABLE_KINDS, Event, Kind
 
 __all__ = ["COUNTERS", "Spool", "SpoolCorrupt", "Spooled", "check_spool", "open_spool"]
@@ -139,6 +140,7 @@ class Spool:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            self._db.executescript(bugs.SCHEMA)
             self._db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -193,6 +195,8 @@ class Spool:
                         deduped = self._dedupe(ev, event_keys, known, hit_rows, now, delta)
                         if deduped is None:
                             results.append(None)  # a repeat: counted, durably, not resent
+                            if blobs is not None and bugs.is_bug_key(event_keys):
+                                blob_rows.extend(blobs[i])  # another input of a known bug
                             continue
                         ev, fresh = deduped
                     body = msgpack.packb(dict(ev.fields), use_bin_type=True)
@@ -311,6 +315,11 @@ class Spool:
             ).fetchall()
         names = ("job_id", "key", "first_id", "hits", "last_ns")
         return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def bugs(self, job_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The crash buckets of ``crash_dedupe = "bug"``, most hit first (:mod:`.bugs`)."""
+        with self._lock:
+            return bugs.list_bugs(self._db, job_id, limit)
 
     def _make_room(self, kind: Kind, size: int, delta: Counter[tuple[str, str]]) -> bool:
         if kind in DURABLE_KINDS:
