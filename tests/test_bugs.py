@@ -13,10 +13,10 @@ import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pfclient
 import pytest
 import trio
 
+import pfclient
 from pfcollector import bugs
 from pfcollector.config import Config, ConfigError, load
 from pfcollector.devmaster import DevMaster
