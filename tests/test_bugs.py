@@ -10,20 +10,26 @@ and ``off`` keep the older behaviours. Reports are the real fixtures of test_rep
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
 import pfclient
 from pfcollector import bugs
+from pfcollector.cli import app
 from pfcollector.config import Config, ConfigError, load
 from pfcollector.devmaster import DevMaster
 from pfcollector.events import Event, Kind
 from pfcollector.ingest import AckTracker, GroupCommitter, Pending
 from pfcollector.inputs import InputStore
+from pfcollector.metrics import Metrics
 from pfcollector.spool import Spool
+from pfcollector.statusview import format_status
 from tests import sanitizer_targets as targets
 
 from .conftest import start_daemon
@@ -164,6 +170,16 @@ async def test_master_gets_one_crash_per_bug_with_its_type_and_report(
             ("job-9", "heap-use-after-free READ 1", 4),
         ]
         assert status["spool"]["kinds"]["crash"]["deduped"] == 10
+        view = format_status(status)
+        assert "heap-buffer-overflow READ 4  in read_past_heap < dispatch" in view
+        text = (await Metrics(daemon.status).render()).decode()
+        hits = {
+            (s.labels["type"], s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "pfcollector_bug_crashes_total"
+        }
+        assert hits == {("heap-buffer-overflow READ 4", 8.0), ("heap-use-after-free READ 1", 4.0)}
         for i in range(12):
             digest = hashlib.sha256(f"input {i}".encode()).hexdigest()
             with trio.fail_after(10):
@@ -171,3 +187,32 @@ async def test_master_gets_one_crash_per_bug_with_its_type_and_report(
                     await trio.sleep(0.02)
         daemon.stop()
         assert master.count("crash") == 2
+
+
+async def test_bugs_command_lists_a_spools_bugs(tmp_path: Path) -> None:
+    runner = CliRunner()
+    data = tmp_path / "data"
+    missing = runner.invoke(app, ["bugs", "--data-dir", str(data)])
+    assert missing.exit_code == 1
+    assert "no spool at" in missing.output
+    assert "Traceback" not in missing.output
+    spool = Spool(data / "spool.db")
+    committer = GroupCommitter(spool, InputStore(data / "inputs"))
+    await committer.commit([crash(1, b"a", HEAP), crash(2, b"b", HEAP), crash(3, b"c", UAF)])
+    await committer.commit([crash(4, b"d", UAF, job="job-2")])
+    empty = runner.invoke(app, ["bugs", "--data-dir", str(data), "--job", "job-3"])
+    assert (empty.exit_code, empty.output.strip()) == (
+        0,
+        f"no bugs recorded for job 'job-3' in {data / 'spool.db'}",
+    )
+    table = runner.invoke(app, ["bugs", "--data-dir", str(data)])  # beside the open spool
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    assert lines[0].split()[:5] == ["job", "bug", "hits", "first", "last"]
+    assert lines[1].split()[:3] == ["job-1", bugs.bug_id("job-1", HEAP_SIG), "2"]
+    assert "heap-buffer-overflow READ 4  in read_past_heap < dispatch" in lines[1]
+    as_json = runner.invoke(app, ["bugs", "--data-dir", str(data), "--job", "job-2", "--json"])
+    (only,) = json.loads(as_json.output)
+    assert (only["job_id"], only["first_id"], only["hits"]) == ("job-2", "c-job-2-4", 1)
+    assert only["signature"] == "heap-use-after-free READ 1\nuse_after_free\ndispatch"
+    spool.close()

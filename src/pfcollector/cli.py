@@ -25,6 +25,7 @@ import trio
 import typer
 
 from . import __version__
+from .bugview import register_bugs
 from .config import Config, ConfigError, Loaded, check_file, load
 from .control import DaemonUnreachable, request
 from .logs import setup_logging
@@ -49,6 +50,7 @@ app.add_typer(config_app, name="config")
 spool_app = typer.Typer(help="The durable spool on disk.", no_args_is_help=True)
 app.add_typer(spool_app, name="spool")
 register_tools(app)  # pfcollector watch afl|libfuzzer, pfcollector send KIND
+register_bugs(app)  # pfcollector bugs [--job J]
 
 SocketOpt = Annotated[
     Path | None,

@@ -204,6 +204,7 @@ class _StatusCollector(Collector):
         yield from _ingest_families(s)
         yield from _spool_families(s)
         yield from _delivery_families(s)
+        yield _bug_family(s)
         info = GaugeMetricFamily(
             "pfcollector_build_info",
             "Always 1; the labels say what runs.",
@@ -322,6 +323,17 @@ def _spool_families(s: Snapshot) -> Iterator[Metric]:
         yield _per_kind(
             CounterMetricFamily(f"pfcollector_{name}", doc, labels=["kind"]), kinds, field
         )
+
+
+def _bug_family(s: Snapshot) -> Metric:
+    bugs = CounterMetricFamily(
+        "pfcollector_bug_crashes",
+        "Crashes of each of the most hit bugs per job (crash_dedupe = bug; pfcollector bugs).",
+        labels=["job", "bug", "type"],
+    )
+    for row in s.get("policies", {}).get("crash", {}).get("top_bugs", []):
+        bugs.add_metric([row["job_id"], row["bug"], row["type"]], row["hits"])
+    return bugs
 
 
 def _delivery_families(s: Snapshot) -> Iterator[Metric]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .bugview import format_bugs
+
 __all__ = ["format_bytes", "format_status", "format_watch"]
 
 
@@ -44,6 +46,9 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"last success: {_when(snd['last_success']['wall'])}")
         err = snd["last_error"]
         lines.append(f"last error:   {_when(err['wall'])}  {err['text'] or ''}".rstrip())
+    top_bugs = s.get("policies", {}).get("crash", {}).get("top_bugs")
+    if top_bugs:  # the most hit bugs of each job (bugview.py)
+        lines += ["", *format_bugs(top_bugs)]
     if conns["live"]:
         lines += ["", f"{'conn':>5} {'pid':>8} {'uid':>6}  {'events':>8}  job / fuzzer"]
         for c in conns["live"]:
