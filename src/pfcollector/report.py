@@ -233,7 +233,8 @@ def _sanitizer_header(lines: list[str], i: int, tool: str, rest: str) -> _Header
                 size = access.group(2) if access.group(2) in _PLAIN_SIZES else "{*}"
                 crash_type += f" {access.group(1)} {size}"
                 break
-    return _Header(0, i, tool, crash_type, i)
+    # An abort's report comes after the message that says why (an assertion): that one wins.
+    return _Header(1 if name == "ABRT" else 0, i, tool, crash_type, i)
 
 
 def _leak_header(lines: list[str], i: int) -> _Header:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..events import CRASH_INPUT_MAX
+from ._reproduce import Reproducer
 from ._sink import Sink, stable_id
 from ._state import StateFile
 
@@ -172,8 +173,10 @@ def _new_entries(directory: Path, cursor: dict[str, Any], settle: float) -> Iter
 class AflWatcher:
     """One pass of :meth:`scan` sends everything new under ``output_dir`` and commits state."""
 
-    def __init__(self, output_dir: Path, sink: Sink, state: StateFile, settle: float = 1.0) -> None:
+    def __init__(self, output_dir: Path, sink: Sink, state: StateFile, settle: float = 1.0,
+                 reproducer: Reproducer | None = None) -> None:  # fmt: skip
         self.output_dir = output_dir
+        self.reproducer = reproducer
         self.sink = sink
         self.state = state
         self.settle = settle
@@ -205,6 +208,10 @@ class AflWatcher:
             event_id = stable_id("afl", self._where, self.sink.job_id, name, entry.name)
             fields = {"type": signal_type(parsed[1]), "signal": parsed[1], "input": data,
                       "output": f"AFL++ {name}/crashes/{entry.name}"}  # fmt: skip
+            if self.reproducer is not None:  # --reproduce: the target's report (_reproduce.py)
+                found = self.reproducer.run(directory, entry.path, data)
+                fields["output"] = f"{fields['output']}\n{found['output']}"
+                fields["stack_trace"] = found["stack_trace"]
             self.sink.send(fuzzer, "crash", fields, event_id)  # waits for the durable ack
             crashes["next"] = entry.number + 1
             sent += 1

@@ -10,6 +10,7 @@ import typer
 from ..logs import setup_logging
 from ._afl import AflWatcher
 from ._libfuzzer import LibFuzzerWatcher
+from ._reproduce import Limits, Reproducer, ReproduceRefused
 from ._run import run_loop
 from ._sink import Sink
 from ._state import StateError, StateFile, default_state_path
@@ -58,11 +59,28 @@ def watch_afl(
     settle: SettleOpt = 1.0,
     once: OnceOpt = False,
     log_level: LogLevelOpt = "info",
+    reproduce: Annotated[
+        bool, typer.Option("--reproduce", help="Re-run the target on each crash for its report")
+    ] = False,
+    reproduce_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a reproduction may take")
+    ] = 10.0,
+    reproduce_memory_mb: Annotated[
+        int, typer.Option(min=16, help="Memory a reproduction may use (MiB)")
+    ] = 2048,
 ) -> None:
     """Follow every AFL++ instance under OUTPUT_DIR: crashes, queue, fuzzer_stats."""
     _logging(log_level)
+    reproducer = None
+    if reproduce:
+        try:
+            reproducer = Reproducer(output_dir, Limits(reproduce_timeout, reproduce_memory_mb))
+        except (ReproduceRefused, OSError) as exc:
+            typer.echo(f"error: --reproduce: {exc}", err=True)
+            raise typer.Exit(2) from None
     sink = Sink(socket_path, job)
-    watcher = AflWatcher(output_dir, sink, _state(state, "afl", output_dir, job), settle)
+    st = _state(state, "afl", output_dir, job)
+    watcher = AflWatcher(output_dir, sink, st, settle, reproducer=reproducer)
     if not run_loop(watcher.scan, sink, interval, once=once):
         raise typer.Exit(1)
 

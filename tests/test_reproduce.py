@@ -1,0 +1,223 @@
+"""``watch afl --reproduce`` (``pfcollector.watch._reproduce``).
+
+Rules: the target is AFL++'s own command line (after ``--``, or after afl-fuzz's options),
+relative paths from where afl-fuzz ran, ``@@`` replaced by the crash file, else the input on
+stdin; the run is bounded (timeout with the whole process group killed, CPU, output size,
+address space for targets without a sanitizer); never as root; a crash that does not reproduce
+is still sent, and says so. Targets are the real C targets of tests/targets (clang needed:
+skipped with the reason otherwise) and small system programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from pfcollector.daemon import Daemon
+from pfcollector.report import parse
+from pfcollector.watch import AflWatcher, Sink, StateFile
+from pfcollector.watch._reproduce import (
+    Limits,
+    Reproducer,
+    ReproduceRefused,
+    run_as,
+    target_argv,
+)
+from tests import sanitizer_targets as targets
+
+EXPECTED = json.loads(targets.EXPECTED.read_text())
+NOBODY = 65534
+#: A Python others may run (the venv's may live under a private home).
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+needs_clang = pytest.mark.skipif(targets.clang() is None, reason="clang is not installed")
+
+
+def test_target_argv_from_afl_command_lines() -> None:
+    assert target_argv("afl-fuzz -i in -o out -V 4 -- ./t @@") == (["./t", "@@"], "out", None)
+    assert target_argv("afl-fuzz -i in -oout -m none ./t -x @@") == (["./t", "-x", "@@"], "out",
+                                                                     None)  # fmt: skip
+    assert target_argv("afl-fuzz -i in -o o -f cur.input -d -- ./t cur.input") == (
+        ["./t", "cur.input"], "o", "cur.input"
+    )  # fmt: skip
+    assert target_argv("afl-fuzz -i in -o out") == ([], "out", None)
+    assert target_argv("afl-fuzz -i 'in -o out -- ./t") == (["./t"], "out", None)
+    assert target_argv("") == ([], None, None)
+
+
+def test_a_root_owned_output_directory_is_refused_by_root(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can be refused")
+    afl_dir(tmp_path, "afl-fuzz -o out -- /bin/true", b"x")
+    with pytest.raises(ReproduceRefused):
+        Reproducer(tmp_path / "out")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root changes user")
+def test_root_runs_the_target_as_the_fuzzers_user(tmp_path: Path) -> None:
+    crash = afl_dir(tmp_path, "afl-fuzz -o out -- /bin/sh -c 'id -u; exit 3'", b"x")
+    hand_over(tmp_path)
+    fields = Reproducer(tmp_path / "out").run(crash.parent.parent, crash, b"x")
+    assert fields["output"].splitlines()[1] == str(NOBODY)  # what `id -u` printed
+    assert fields["output"].startswith("reproduced: exited with 3")
+
+
+def test_never_as_root() -> None:
+    assert run_as(owner_uid=1000, euid=1000) is None  # not root: stay who we are
+    assert run_as(owner_uid=1000, euid=0) == 1000  # root: become the fuzzer's owner
+    with pytest.raises(ReproduceRefused, match="owned by root"):
+        run_as(owner_uid=0, euid=0)
+
+
+def afl_dir(root: Path, command_line: str, crash: bytes, name: str = "default") -> Path:
+    """A minimal AFL++ output directory (``root/out``) with one crash file."""
+    inst = root / "out" / name
+    (inst / "crashes").mkdir(parents=True, exist_ok=True)
+    (inst / "queue").mkdir(exist_ok=True)
+    (inst / "fuzzer_stats").write_text(f"afl_version : ++4.04c\ncommand_line : {command_line}\n")
+    number = len(list((inst / "crashes").glob("id:*")))
+    path = inst / "crashes" / f"id:{number:06d},sig:06,src:000000,time:1,execs:1,op:havoc,rep:1"
+    path.write_bytes(crash)
+    return path
+
+
+def hand_over(root: Path) -> None:
+    """Give the tree to an unprivileged user when the tests run as root, as a fuzzer's would
+    be: the reproducer refuses to run a target as root."""
+    if os.geteuid() != 0:
+        return
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Iterator[Path]:
+    """A directory others can enter (pytest's own are 0700 under root's base directory)."""
+    path = Path(tempfile.mkdtemp(prefix="pf-repro-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if targets.clang() is None:
+        pytest.skip("clang is not installed: cannot build the sanitizer target")
+    return targets.build(tmp_path_factory.mktemp("build"), ("asan",))["asan"]
+
+
+@pytest.fixture
+def asan_target(built: Path, tmp_path: Path) -> Path:
+    """The target, where the fuzzer's user can run it."""
+    target = tmp_path / "asan"
+    shutil.copy(built, target)
+    target.chmod(0o755)
+    return target
+
+
+@needs_clang
+@pytest.mark.parametrize("stdin", [False, True])
+def test_a_crash_reproduces_with_its_sanitizer_report(
+    tmp_path: Path, asan_target: Path, stdin: bool
+) -> None:
+    # ./asan: relative to where afl-fuzz ran (the parent of -o out)
+    crash = afl_dir(tmp_path, f"afl-fuzz -i in -o out -- ./asan{'' if stdin else ' @@'}", b"hx")
+    hand_over(tmp_path)
+    fields = Reproducer(tmp_path / "out").run(crash.parent.parent, crash, b"hx")
+    assert fields["output"].startswith("reproduced: exited with 1 in ")
+    assert "heap-buffer-overflow READ 4" in fields["output"].splitlines()[0]
+    assert fields["stack_trace"].startswith("=====")
+    assert (
+        parse(fields["output"], fields["stack_trace"]).signature
+        == (EXPECTED["asan-heap-buffer-overflow"])
+    )
+
+
+@needs_clang
+def test_an_input_that_no_longer_crashes_is_marked(tmp_path: Path, asan_target: Path) -> None:
+    crash = afl_dir(tmp_path, f"afl-fuzz -i in -o out -- {asan_target} @@", b"zz")
+    hand_over(tmp_path)
+    fields = Reproducer(tmp_path / "out").run(crash.parent.parent, crash, b"zz")
+    assert fields["output"].startswith("not reproduced: exited with 0 in ")
+    assert fields["stack_trace"] == ""
+
+
+def test_a_hanging_target_is_killed_with_its_children(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > {pid_file}; wait"
+    crash = afl_dir(tmp_path, f"afl-fuzz -i in -o out -- /bin/sh -c '{script}'", b"x")
+    hand_over(tmp_path)
+    fields = Reproducer(tmp_path / "out", Limits(timeout=0.5)).run(crash.parent.parent, crash,
+                                                                     b"x")  # fmt: skip
+    assert fields["output"].startswith("not reproduced: timed out after 0.5s")
+    child = int(pid_file.read_text())
+    assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)  # killed with the group
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
+    except OSError:
+        return "Z"
+
+
+@pytest.mark.skipif(SYSTEM_PYTHON is None, reason="no python3 in /usr/bin or /usr/local/bin")
+def test_memory_is_limited_for_a_target_without_sanitizer(tmp_path: Path) -> None:
+    grab = "x = bytearray(512 * 1024 * 1024)"
+    crash = afl_dir(tmp_path, f'afl-fuzz -o out -- {SYSTEM_PYTHON} -c "{grab}"', b"x")
+    hand_over(tmp_path)
+    fields = Reproducer(tmp_path / "out", Limits(memory_mb=128)).run(crash.parent.parent, crash,
+                                                                       b"x")  # fmt: skip
+    assert fields["output"].startswith("reproduced: exited with 1")
+    assert "MemoryError" in fields["output"]
+
+
+def test_output_is_bounded_and_missing_command_lines_are_said(tmp_path: Path) -> None:
+    crash = afl_dir(tmp_path, "afl-fuzz -i in -o out", b"x")
+    hand_over(tmp_path)
+    fields = Reproducer(tmp_path / "out").run(crash.parent.parent, crash, b"x")
+    assert fields == {
+        "output": "not reproduced: fuzzer_stats has no command_line with a target",
+        "stack_trace": "",
+    }
+    noisy = afl_dir(tmp_path / "b", "afl-fuzz -o out -- /usr/bin/yes", b"x")
+    hand_over(tmp_path)
+    fields = Reproducer(tmp_path / "b" / "out", Limits(timeout=1.0)).run(
+        noisy.parent.parent, noisy, b"x"
+    )
+    # yes(1) stops at RLIMIT_FSIZE (SIGXFSZ) or the timeout, whichever comes first.
+    assert fields["output"].startswith(("reproduced: killed by signal 25", "not reproduced"))
+    assert len(fields["output"]) < 70 * 1024
+
+
+@needs_clang
+async def test_the_watcher_sends_the_report_and_the_daemon_buckets_it(
+    local_daemon: Daemon, tmp_path: Path, asan_target: Path
+) -> None:
+    for data in (b"hx", b"hy", b"ux", b"zz"):
+        afl_dir(tmp_path, f"afl-fuzz -i in -o out -- {asan_target} @@", data)
+    hand_over(tmp_path)
+    sink = Sink(local_daemon.config.socket_path, "job-r")
+    state = StateFile(tmp_path / "state.json", tmp_path / "out")
+    watcher = AflWatcher(tmp_path / "out", sink, state, settle=0.0,
+                         reproducer=Reproducer(tmp_path / "out"))  # fmt: skip
+    try:
+        assert await trio.to_thread.run_sync(watcher.scan) == 4
+    finally:
+        sink.close()
+    stored = [s.event.fields for s in local_daemon.spool.read_after(0, 100)]
+    crashes = [f for f in stored if "type" in f]
+    assert sorted(f["type"] for f in crashes) == [
+        "SIGABRT",  # "zz" does not crash: sent anyway, marked, bucketed by input
+        "heap-buffer-overflow READ 4",
+        "heap-use-after-free READ 1",
+    ]
+    assert all(f["stack_trace"] for f in crashes if f["type"] != "SIGABRT")
+    assert any("not reproduced" in f["output"] for f in crashes)
+    assert [b["hits"] for b in local_daemon.spool.bugs("job-r")] == [2, 1]
