@@ -13,14 +13,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
+from pfcollector.config import Config
 from pfcollector.daemon import Daemon
+from pfcollector.devmaster import DevMaster
 from pfcollector.report import parse
 from pfcollector.watch import AflWatcher, Sink, StateFile
 from pfcollector.watch._reproduce import (
@@ -31,6 +36,7 @@ from pfcollector.watch._reproduce import (
     target_argv,
 )
 from tests import sanitizer_targets as targets
+from tests.conftest import start_daemon
 
 EXPECTED = json.loads(targets.EXPECTED.read_text())
 NOBODY = 65534
@@ -221,3 +227,90 @@ async def test_the_watcher_sends_the_report_and_the_daemon_buckets_it(
     assert all(f["stack_trace"] for f in crashes if f["type"] != "SIGABRT")
     assert any("not reproduced" in f["output"] for f in crashes)
     assert [b["hits"] for b in local_daemon.spool.bugs("job-r")] == [2, 1]
+
+
+def _afl_tools() -> tuple[str, str] | None:
+    fuzz = shutil.which("afl-fuzz")
+    cc = shutil.which("afl-cc") or shutil.which("afl-clang-fast")
+    return (fuzz, cc) if fuzz and cc else None
+
+
+@pytest.mark.slow
+async def test_e2e_real_afl_two_bugs_reach_the_master_with_their_reports(
+    make_config: Callable[..., Config], nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Done-when of issue 16: afl-fuzz on a target with two bugs, ``watch afl --reproduce``,
+    the reference master gets both, typed and with stack traces; every other crash is a hit."""
+    tools = _afl_tools()
+    if tools is None:
+        if os.environ.get("PFCOLLECTOR_ALLOW_NO_AFL") == "1":
+            pytest.skip("afl++ is not installed and PFCOLLECTOR_ALLOW_NO_AFL=1")
+        pytest.fail("afl++ is not installed (afl-fuzz, afl-cc): apt-get install afl++, "
+                    "or set PFCOLLECTOR_ALLOW_NO_AFL=1 to skip")  # fmt: skip
+    afl_fuzz, afl_cc = tools
+    build = await trio.run_process(
+        [afl_cc, "-g", "-O0", "-fno-omit-frame-pointer", "-o", str(tmp_path / "t"),
+         str(targets.TARGETS / "two_bugs.c")],
+        env={**os.environ, "AFL_USE_ASAN": "1", "AFL_QUIET": "1"},
+        capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr.decode(errors="replace")[-2000:]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "seed").write_bytes(b"xx")
+    hand_over(tmp_path)  # afl-fuzz runs as the fuzzer's user, never root
+    as_user = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if os.geteuid() == 0 else {}
+    env = {**os.environ, "AFL_NO_UI": "1", "AFL_SKIP_CPUFREQ": "1", "AFL_NO_AFFINITY": "1",
+           "AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES": "1"}  # fmt: skip
+    crashes = tmp_path / "out" / "default" / "crashes"
+    fuzz = await trio.lowlevel.open_process(
+        [afl_fuzz, "-i", "in", "-o", "out", "-V", "90", "--", "./t", "@@"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **as_user,
+    )  # fmt: skip
+    try:
+        with trio.fail_after(100):  # until both bugs have crash files, and a repeat
+            while True:
+                found = (
+                    [p.read_bytes()[:1] for p in crashes.glob("id:*")] if crashes.exists() else []
+                )
+                if {b"H", b"U"} <= set(found) and len(found) >= 3:
+                    break
+                assert fuzz.poll() is None, "afl-fuzz ended without finding both bugs"
+                await trio.sleep(0.5)
+    finally:
+        fuzz.send_signal(signal.SIGINT)
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await fuzz.wait()
+        if fuzz.returncode is None:
+            fuzz.kill()
+            await fuzz.wait()
+    files = sorted(crashes.glob("id:*"))
+
+    with DevMaster() as master:
+        config = make_config(master_url=master.url, bot_id="bot-afl", flush_interval=0.2)
+        daemon = await start_daemon(nursery, config)
+        watch = await trio.run_process(
+            [sys.executable, "-m", "pfcollector", "watch", "afl", str(tmp_path / "out"),
+             "--job", "job-afl", "--socket", str(config.socket_path), "--state",
+             str(tmp_path / "state.json"), "--settle", "0", "--once", "--reproduce",
+             "--log-level", "warning"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+        assert watch.returncode == 0, watch.stderr.decode(errors="replace")[-3000:]
+        with trio.fail_after(20):
+            while master.count("crash") < 2:
+                await trio.sleep(0.1)
+        bug_list = await trio.to_thread.run_sync(daemon.spool.bugs, "job-afl")
+        daemon.stop()
+        rows = master.rows("crash")
+    assert sorted(r["type"] for r in rows) == [
+        "heap-buffer-overflow READ 4",
+        "heap-use-after-free READ 1",
+    ]
+    for row in rows:
+        assert "ERROR: AddressSanitizer" in row["stack_trace"]
+        assert row["output"].splitlines()[1].startswith("reproduced: exited with 1")
+    assert sum(b["hits"] for b in bug_list) == len(files)
+    assert {b["signature"] for b in bug_list} == {
+        "heap-buffer-overflow READ 4\npast_the_end",
+        "heap-use-after-free READ 1\nafter_free",
+    }
