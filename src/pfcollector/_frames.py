@@ -9,6 +9,7 @@ ClusterFuzz's crash-state rules (see ``docs/pipeline.md``).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ def parse_frame(line: str) -> Frame | None:
     return Frame(rest, file, number, module)
 
 
+@functools.lru_cache(maxsize=4096)  # frames repeat (a stack overflow: 250 of one function)
 def bare_function(name: str) -> str:
     """A function name without its parameters, qualifiers or return type, at most LINE_CAP.
 
@@ -73,6 +75,8 @@ def bare_function(name: str) -> str:
     >>> bare_function("void check_magic(const unsigned char *)")
     'check_magic'
     """
+    if not any(c in name for c in " (<"):
+        return name.lstrip("*&")[:LINE_CAP]  # a plain C name: most frames
     name = name.replace("(anonymous namespace)", "{anonymous}")
     depth, cut, start = 0, len(name), 0
     for i, char in enumerate(name):
