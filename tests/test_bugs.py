@@ -216,3 +216,40 @@ async def test_bugs_command_lists_a_spools_bugs(tmp_path: Path) -> None:
     assert (only["job_id"], only["first_id"], only["hits"]) == ("job-2", "c-job-2-4", 1)
     assert only["signature"] == "heap-use-after-free READ 1\nuse_after_free\ndispatch"
     spool.close()
+
+
+@pytest.mark.slow
+def test_bugs_and_hits_survive_kill_9(tmp_path: Path, sock_dir: Path) -> None:
+    """Acked hits are durable: SIGKILL right after the acks, restart, the bug goes on."""
+    from tests.test_kill9 import DaemonProcess
+
+    with DevMaster() as master:
+        daemon = DaemonProcess(sock_dir / "pf.sock", tmp_path / "data", master.url,
+                               tmp_path / "daemon.log")  # fmt: skip
+        try:
+            daemon.start()
+            with pfclient.Client(daemon.socket_path, job_id="job-k", fuzzer="afl") as client:
+                for i in range(5):
+                    client.crash("SEGV", f"first {i}".encode(), signal=11, output=HEAP)
+            daemon.kill9()
+            daemon.start()
+            with pfclient.Client(daemon.socket_path, job_id="job-k", fuzzer="afl") as client:
+                for i in range(5):
+                    client.crash("SEGV", f"second {i}".encode(), signal=11, output=HEAP)
+                client.crash("SEGV", b"other", signal=11, output=UAF)
+            status = daemon.wait_spool_empty()
+        finally:
+            daemon.close()
+        assert sorted(r["type"] for r in master.rows("crash")) == [
+            "heap-buffer-overflow READ 4",
+            "heap-use-after-free READ 1",
+        ]
+    top = status["policies"]["crash"]["top_bugs"]
+    assert [(b["type"], b["hits"]) for b in top] == [
+        ("heap-buffer-overflow READ 4", 10),
+        ("heap-use-after-free READ 1", 1),
+    ]
+    assert status["spool"]["kinds"]["crash"]["deduped"] == 9
+    inputs = InputStore(tmp_path / "data" / "inputs")
+    for data in [f"first {i}".encode() for i in range(5)] + [b"other"]:
+        assert inputs.path_for(hashlib.sha256(data).hexdigest()).exists()
