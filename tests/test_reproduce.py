@@ -314,3 +314,18 @@ async def test_e2e_real_afl_two_bugs_reach_the_master_with_their_reports(
         "heap-buffer-overflow READ 4\npast_the_end",
         "heap-use-after-free READ 1\nafter_free",
     }
+
+
+def test_a_fifo_or_symlinked_fuzzer_stats_is_not_read(tmp_path: Path) -> None:
+    """The output directory is the fuzzer's: a FIFO must not hang the watcher, a symlink
+    must not make it read another file as root."""
+    crash = afl_dir(tmp_path, "afl-fuzz -o out -- /bin/true", b"x")
+    stats = crash.parent.parent / "fuzzer_stats"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("command_line : afl-fuzz -o out -- /bin/false\n")
+    for make in (lambda: os.mkfifo(stats), lambda: stats.symlink_to(elsewhere)):
+        stats.unlink()
+        make()
+        hand_over(tmp_path)
+        fields = Reproducer(tmp_path / "out").run(crash.parent.parent, crash, b"x")
+        assert fields["output"] == "not reproduced: fuzzer_stats has no command_line with a target"

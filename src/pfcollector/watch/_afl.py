@@ -209,7 +209,7 @@ class AflWatcher:
             fields = {"type": signal_type(parsed[1]), "signal": parsed[1], "input": data,
                       "output": f"AFL++ {name}/crashes/{entry.name}"}  # fmt: skip
             if self.reproducer is not None:  # --reproduce: the target's report (_reproduce.py)
-                found = self.reproducer.run(directory, entry.path, data)
+                found = self.reproducer.run(directory, directory / "crashes" / entry.name, data)
                 fields["output"] = f"{fields['output']}\n{found['output']}"
                 fields["stack_trace"] = found["stack_trace"]
             self.sink.send(fuzzer, "crash", fields, event_id)  # waits for the durable ack

@@ -31,6 +31,7 @@ import resource
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -56,6 +57,8 @@ OUTPUT_FILE_MAX = 8 * 1024 * 1024
 _ATTACHED_MAX = 60 * 1024
 #: afl-fuzz's options that take an argument (its getopt string, AFL++ 4).
 _AFL_ARG_OPTIONS = frozenset("bBceEifFgGlLmMopsStTVx")
+_STATS_MAX = 1024 * 1024  # a fuzzer_stats file is a few KiB
+_BINARY_CHUNKS = 256  # MiB of a target binary searched for a sanitizer's runtime
 _SANITIZER_MARKS = (b"__asan_init", b"__msan_init", b"__tsan_init", b"__hwasan_init")
 
 
@@ -129,10 +132,7 @@ class Reproducer:
 
     def run(self, instance_dir: Path, crash_file: Path, data: bytes) -> dict[str, Any]:
         """Run the target on one crash; ``output`` and ``stack_trace`` for its event."""
-        try:
-            stats = (instance_dir / "fuzzer_stats").read_text(errors="replace")
-        except OSError:
-            stats = ""
+        stats = _read_regular(instance_dir / "fuzzer_stats", _STATS_MAX).decode(errors="replace")
         command_line = next(
             (line.partition(":")[2].strip() for line in stats.splitlines()
              if line.partition(":")[0].strip() == "command_line"),
@@ -236,13 +236,43 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 def _is_sanitized(program: str, cwd: Path) -> bool:
     """Whether the target is built with a sanitizer (its binary names their runtime)."""
-    path = Path(program) if "/" in program else Path(shutil.which(program) or program)
+    path = cwd / (Path(program) if "/" in program else Path(shutil.which(program) or program))
     try:
-        with (cwd / path).open("rb") as f:
-            data = f.read(64 * 1024 * 1024)
+        fd = _open_regular(path)
     except OSError:
         return True  # unknown: no address-space limit rather than a spurious failure
-    return any(mark in data for mark in _SANITIZER_MARKS)
+    with os.fdopen(fd, "rb") as f:
+        tail = b""
+        for _ in range(_BINARY_CHUNKS):
+            chunk = f.read(1024 * 1024)
+            if not chunk:
+                return False
+            window = tail + chunk
+            if any(mark in window for mark in _SANITIZER_MARKS):
+                return True
+            tail = window[-32:]
+    return True  # a binary past 256 MiB: assume a sanitizer rather than risk a false failure
+
+
+def _open_regular(path: Path) -> int:
+    """An fd of ``path`` if it is a regular file (never blocks on a FIFO), else OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file that is not a symlink; b"" otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        return f.read(limit)
 
 
 def _afl_cwd(output_dir: Path, out_arg: str | None) -> Path:
