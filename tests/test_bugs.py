@@ -69,7 +69,7 @@ async def test_one_crash_per_bug_is_stored_the_rest_are_hits(
         "heap-use-after-free READ 1",
         "SEGV",  # no report: the producer's type, deduplicated by input
     ]
-    listed = spool.bugs()
+    listed = spool.read(bugs.list_bugs)
     assert [(b["type"], b["hits"], b["first_id"]) for b in listed] == [
         ("heap-buffer-overflow READ 4", 5, "c-job-1-1"),
         ("heap-use-after-free READ 1", 3, "c-job-1-11"),
@@ -91,8 +91,11 @@ async def test_later_groups_and_a_reopened_spool_still_know_the_bug(tmp_path: Pa
     await committer.commit([crash(1, b"a", HEAP)])  # a resend of the first: not a hit
     await committer.commit([crash(3, b"c", HEAP, job="job-2")])  # another job: another bug
     assert [s.event.id for s in spool.read_after(0, 10)] == ["c-job-1-1", "c-job-2-3"]
-    assert [(b["job_id"], b["hits"]) for b in spool.bugs()] == [("job-1", 2), ("job-2", 1)]
-    assert [b["job_id"] for b in spool.bugs("job-2")] == ["job-2"]
+    assert [(b["job_id"], b["hits"]) for b in spool.read(bugs.list_bugs)] == [
+        ("job-1", 2),
+        ("job-2", 1),
+    ]
+    assert [b["job_id"] for b in spool.read(bugs.list_bugs, "job-2")] == ["job-2"]
     spool.close()
     assert [b["hits"] for b in bugs.read_bugs(tmp_path / "s.db", "job-1")] == [2]
 
@@ -107,7 +110,7 @@ async def test_input_mode_dedupes_by_input_and_off_keeps_all(
     stored = [s.event for s in spool.read_after(0, 10)]
     assert [e.id for e in stored] == ["c-job-1-1", "c-job-1-2"]
     assert stored[0].fields["type"] == "SEGV"  # only bug mode retypes
-    assert spool.bugs() == []
+    assert spool.read(bugs.list_bugs) == []
     assert spool.pending_input_count() == 2  # the repeat had the same bytes
     await GroupCommitter(spool, inputs, crash_dedupe="off").commit(
         [crash(4, b"x", HEAP), crash(5, b"x", HEAP)]

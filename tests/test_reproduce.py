@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from pfcollector import bugs
 from pfcollector.config import Config
 from pfcollector.daemon import Daemon
 from pfcollector.devmaster import DevMaster
@@ -226,7 +227,7 @@ async def test_the_watcher_sends_the_report_and_the_daemon_buckets_it(
     ]
     assert all(f["stack_trace"] for f in crashes if f["type"] != "SIGABRT")
     assert any("not reproduced" in f["output"] for f in crashes)
-    assert [b["hits"] for b in local_daemon.spool.bugs("job-r")] == [2, 1]
+    assert [b["hits"] for b in local_daemon.spool.read(bugs.list_bugs, "job-r")] == [2, 1]
 
 
 def _afl_tools() -> tuple[str, str] | None:
@@ -299,7 +300,7 @@ async def test_e2e_real_afl_two_bugs_reach_the_master_with_their_reports(
         with trio.fail_after(20):
             while master.count("crash") < 2:
                 await trio.sleep(0.1)
-        bug_list = await trio.to_thread.run_sync(daemon.spool.bugs, "job-afl")
+        bug_list = await trio.to_thread.run_sync(daemon.spool.read, bugs.list_bugs, "job-afl")
         daemon.stop()
         rows = master.rows("crash")
     assert sorted(r["type"] for r in rows) == [

@@ -9,7 +9,9 @@ crash without a recognisable report falls back to the input key (``sha256:type:s
 The dedupe itself is the spool's ``seen`` table (same transaction as the append, so it
 survives ``kill -9``): a bug is a row whose key is ``bug:<signature>``. This module adds the
 ``bugs`` table, filled by a trigger on that insert in the same transaction, which remembers
-when a bug was first seen; hits, first id and last seen are the ``seen`` row's.
+when a bug was first seen; hits, first id and last seen are the ``seen`` row's. The readers
+(:func:`list_bugs`, :func:`top_repeats`) take a connection: ``Spool.read(list_bugs, ...)``
+runs them under the spool's lock, :func:`read_bugs` on a read-only connection of its own.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "list_bugs",
     "read_bugs",
     "top_per_job",
+    "top_repeats",
 ]
 
 DedupeMode = Literal["bug", "input", "off"]
@@ -136,6 +139,17 @@ def list_bugs(
             }
         )
     return out
+
+
+def top_repeats(db: sqlite3.Connection, kind: str, limit: int = 10) -> list[dict[str, Any]]:
+    """The most repeated crashes (or corpus entries) of any key: job, key, first id, hits."""
+    rows = db.execute(
+        "SELECT job_id, key, first_id, hits, last_ns FROM seen WHERE kind = ? "
+        "AND hits > 1 ORDER BY hits DESC LIMIT ?",
+        (kind, limit),
+    ).fetchall()
+    names = ("job_id", "key", "first_id", "hits", "last_ns")
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 def top_per_job(rows: Sequence[Mapping[str, Any]], per_job: int = 5) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ import trio
 from . import __version__
 from .bots import heartbeat_loop, register
 from .breaker import CircuitBreaker
-from .bugs import top_per_job
+from .bugs import list_bugs, top_per_job, top_repeats
 from .config import Config, ConfigError, runtime_changes
 from .events import Kind
 from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, InputWriter, Pending
@@ -320,8 +320,8 @@ class Daemon:
 
     async def _policies(self) -> dict[str, Any]:
         coalescer = self.server.coalescer
-        top = await trio.to_thread.run_sync(self.spool.top_repeats, Kind.CRASH, 5)
-        bug_rows = await trio.to_thread.run_sync(self.spool.bugs, None, TOP_BUGS_READ)
+        top = await trio.to_thread.run_sync(self.spool.read, top_repeats, Kind.CRASH.value, 5)
+        bug_rows = await trio.to_thread.run_sync(self.spool.read, list_bugs, None, TOP_BUGS_READ)
         crash = {"dedupe": self.config.crash_dedupe, "top_repeats": top}
         crash["top_bugs"] = top_per_job(bug_rows, TOP_BUGS_PER_JOB)
         return {

@@ -26,10 +26,10 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -50,6 +50,7 @@ COUNTERS = (
     "refused",
 )
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _CHUNK = 500  # ids per statement (SQLite's variable limit is 32766; keep statements small)
 
 _SCHEMA = """
@@ -139,8 +140,7 @@ class Spool:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            self._db.executescript(bugs.SCHEMA)
+            self._db.executescript(_SCHEMA + bugs.SCHEMA)
             self._db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -305,21 +305,10 @@ class Spool:
             ev = dataclasses.replace(ev, fields=fields)
         return ev, fresh
 
-    def top_repeats(self, kind: Kind, limit: int = 10) -> list[dict[str, Any]]:
-        """The most repeated crashes (or corpus entries): job, key, first id, hits."""
+    def read(self, query: Callable[..., _T], *args: Any) -> _T:
+        """``query(db, *args)`` under the lock: a read of the dedupe tables (:mod:`.bugs`)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT job_id, key, first_id, hits, last_ns FROM seen WHERE kind = ? "
-                "AND hits > 1 ORDER BY hits DESC LIMIT ?",
-                (kind.value, limit),
-            ).fetchall()
-        names = ("job_id", "key", "first_id", "hits", "last_ns")
-        return [dict(zip(names, row, strict=True)) for row in rows]
-
-    def bugs(self, job_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """The crash buckets of ``crash_dedupe = "bug"``, most hit first (:mod:`.bugs`)."""
-        with self._lock:
-            return bugs.list_bugs(self._db, job_id, limit)
+            return query(self._db, *args)
 
     def _make_room(self, kind: Kind, size: int, delta: Counter[tuple[str, str]]) -> bool:
         if kind in DURABLE_KINDS:
