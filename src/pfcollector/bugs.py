@@ -94,7 +94,12 @@ def is_bug_key(keys: Sequence[str] | None) -> bool:
 
 
 def dedupe_mode(value: object) -> DedupeMode:
-    """A ``crash_dedupe`` setting as a mode; ``True``/``False`` (its older form) are bug/off."""
+    """A ``crash_dedupe`` setting as a mode. Its older form, a boolean (``true``/``false``, or
+    an environment variable's ``1``/``yes``/``no``/...), reads as ``bug``/``off``."""
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        value = True
+    elif isinstance(value, str) and value.strip().lower() in ("0", "false", "no"):
+        value = False
     if value is True:
         return "bug"
     if value is False:
@@ -102,7 +107,7 @@ def dedupe_mode(value: object) -> DedupeMode:
     for mode in DEDUPE_MODES:
         if value == mode:
             return mode
-    raise ValueError(f"crash_dedupe must be one of 'bug', 'input', 'off', got {value!r}")
+    raise ValueError(f"must be one of 'bug', 'input', 'off', got {value!r}")
 
 
 def bug_id(job_id: str, signature: str) -> str:

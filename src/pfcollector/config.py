@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from .bugs import dedupe_mode
+
 __all__ = [
     "CONFIG_ENV",
     "ENV_PREFIX",
@@ -141,7 +143,7 @@ class Config:
     metrics_addr: str | None = None
     compression: Literal["none", "gzip", "zstd"] = "none"
     compression_threshold: int = 1024
-    crash_dedupe: Literal["bug", "input", "off"] = "bug"
+    crash_dedupe: Literal["bug", "input", "off"] | bool = "bug"  # a bool: its older form
     coalesce: bool = True
     # Connection limits (docs/security.md). 0 switches a timeout or the rate cap off.
     idle_timeout: float = 3600.0
@@ -168,8 +170,10 @@ class Config:
         if self.bot_id is not None and not self.bot_id.strip():
             raise ConfigError("bot_id", "must not be empty")
         _one_of("delivery_mode", self.delivery_mode, ("batch", "item"))
-        object.__setattr__(self, "crash_dedupe", _legacy("crash_dedupe", self.crash_dedupe))
-        _one_of("crash_dedupe", self.crash_dedupe, ("bug", "input", "off"))
+        try:  # "bug", "input", "off"; true/false (and env's yes/no...) as bug/off (bugs.py)
+            object.__setattr__(self, "crash_dedupe", dedupe_mode(self.crash_dedupe))
+        except ValueError as exc:
+            raise ConfigError("crash_dedupe", str(exc)) from None
         _at_least("batch_size", self.batch_size, 1, 10_000)
         _at_least("batch_bytes", self.batch_bytes, 1024, 1024 * 1024 - 4096)
         _at_least("flush_interval", self.flush_interval, MIN_FLUSH_INTERVAL, 3600.0)
@@ -455,7 +459,6 @@ def _typed(key: str, value: Any) -> Any:
     """Check a TOML value against the field's type."""
     hint = _HINTS[key]
     args = typing.get_args(hint)
-    value = _legacy(key, value)
     if typing.get_origin(hint) is Literal:
         _one_of(key, value, args)
         return value
@@ -485,8 +488,6 @@ def _from_env(key: str, name: str, raw: str) -> Any:
     try:
         if optional and not text:
             return None
-        if key == "crash_dedupe" and text.lower() in _TRUE + _FALSE:
-            return _legacy(key, text.lower() in _TRUE)
         if typing.get_origin(hint) is Literal:
             _one_of(key, text, args)
             return text
@@ -511,13 +512,6 @@ def _from_env(key: str, name: str, raw: str) -> Any:
         return Path(text) if base is Path else raw
     except ConfigError as exc:
         raise ConfigError(key, f"{str(exc).partition(': ')[2]} (from env {name})") from None
-
-
-def _legacy(key: str, value: Any) -> Any:
-    """``crash_dedupe`` was true/false before it named a mode: read those as bug/off."""
-    if key == "crash_dedupe" and isinstance(value, bool):
-        return "bug" if value else "off"
-    return value
 
 
 def _octal(key: str, text: str) -> int:
