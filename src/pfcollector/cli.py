@@ -161,7 +161,7 @@ def _setting_flags(
     ] = None,
     crash_dedupe: Annotated[
         str | None,
-        _flag("--crash-dedupe", help="Send a crash per bug, per input, or all: bug|input|off [bug]"),
+        _flag("--crash-dedupe", help="One crash per bug, per input, or all: bug|input|off [bug]"),
     ] = None,
     log_level: Annotated[
         str | None, _flag("--log-level", help="debug, info, warning or error [info]")
