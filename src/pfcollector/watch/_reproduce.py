@@ -26,6 +26,7 @@ Error handling:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import shlex
@@ -51,6 +52,7 @@ __all__ = [
     "target_argv",
 ]
 
+log = logging.getLogger("pfcollector.watch.reproduce")
 #: Most bytes of output a target may write (RLIMIT_FSIZE on its output file).
 OUTPUT_FILE_MAX = 8 * 1024 * 1024
 #: Characters of report and output attached to a crash (the protocol truncates at 64 KiB).
@@ -154,7 +156,9 @@ class Reproducer:
                 argv, crash_file.parent, log_path, None if uses_file else data
             )
             text = _read(log_path)
-        return _fields(outcome, crashed, text)
+        fields = _fields(outcome, crashed, text)
+        log.info("%s: %s", crash_file.name, fields["output"].partition("\n")[0])
+        return fields
 
     def _execute(
         self, argv: list[str], cwd: Path, log_path: Path, stdin: bytes | None
