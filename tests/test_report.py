@@ -114,10 +114,11 @@ def test_a_sanitizer_report_wins_over_libfuzzers_own_line() -> None:
         ("*** stack smashing detected ***: terminated", "stack-smashing", ()),
         ("*** Error in `./prog': double free or corruption (fasttop): 0x0000000001c8e010 ***",
          "abort", ("double free or corruption (fasttop)",)),
-        ("x.c:3:5: runtime error: division by zero", "divide-by-zero", ()),
-        ("x.c:3:5: runtime error: load of null pointer of type 'int'", "null-dereference READ",
-         ()),
-        ("x.c:3:5: runtime error: shift exponent 40 is too large", "undefined-shift", ()),
+        ("x.c:3:5: runtime error: division by zero", "divide-by-zero", ("x.c:3",)),
+        ("/src/x.c:3:5: runtime error: load of null pointer of type 'int'",
+         "null-dereference READ", ("x.c:3",)),
+        ("x.c:3:5: runtime error: shift exponent 40 is too large", "undefined-shift",
+         ("x.c:3",)),
         ("==7== ERROR: libFuzzer: deadly signal", "deadly-signal", ()),
         ("==7== ERROR: libFuzzer: fuzz target exited", "fuzz-target-exited", ()),
         ("prog: a.cc:9: int ns::Foo<int, char>::bar(int) const: Assertion `n' failed.",
@@ -128,6 +129,37 @@ def test_one_line_reports(line: str, crash_type: str, state: tuple[str, ...]) ->
     parsed = parse(f"some noise\n{line}\n")
     assert parsed.crash_type == crash_type
     assert parsed.state == state
+    # Without a state the type alone would merge distinct bugs: no signature, input dedupe.
+    assert parsed.signature == ("\n".join((crash_type, *state)) if state else None)
+
+
+def test_without_frames_the_summary_line_names_the_function() -> None:
+    text = "\n".join(
+        line for line in fixture("asan-heap-buffer-overflow").splitlines()
+        if not line.lstrip().startswith("#")
+    )  # fmt: skip
+    assert parse(text).state == ("read_past_heap",)
+
+
+@pytest.mark.parametrize(
+    ("name", "bare"),
+    [
+        ("operator new(unsigned long)", "operator new"),
+        ("std::vector<int>::operator[](unsigned long)", "std::vector<int>::operator[]"),
+        ("a::operator()(int) const", "a::operator()"),
+        ("foo::operator<(foo const&)", "foo::operator<"),
+        ("foo::operator<<(int)", "foo::operator<<"),
+        ("x::operator bool() const", "x::operator bool"),
+        ("int ns::Foo<int, char>::bar(int) const", "ns::Foo<int, char>::bar"),
+    ],
+)
+def test_function_names_lose_parameters_and_return_types(name: str, bare: str) -> None:
+    assert bare_function(name) == bare
+
+
+def test_operator_new_is_a_runtime_frame() -> None:
+    frames = [Frame("operator new(unsigned long)", module="asan"), Frame("make_thing()", "a.cc", 4)]
+    assert crash_state(frames, 3) == ("make_thing",)
 
 
 def test_text_without_a_report_has_no_signature() -> None:

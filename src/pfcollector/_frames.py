@@ -79,12 +79,19 @@ def bare_function(name: str) -> str:
         return name.lstrip("*&")[:LINE_CAP]  # a plain C name: most frames
     name = name.replace("(anonymous namespace)", "{anonymous}")
     depth, cut, start = 0, len(name), 0
+    operator = name.find("operator")  # its symbol is no template bracket, its space no type
+    symbol_end = operator + 8 + (name[operator + 8 : operator + 9] == " ") if operator >= 0 else -1
     for i, char in enumerate(name):
+        if operator >= 0 and operator <= i < symbol_end + 2 and char in "<>( ":
+            if char == "(" and i >= symbol_end + (name[symbol_end : symbol_end + 2] == "()") * 2:
+                cut = i
+                break
+            continue
         if char == "<":
             depth += 1
         elif char == ">" and depth:
             depth -= 1
-        elif char == "(" and depth == 0 and i > 0 and not name[:i].endswith("operator"):
+        elif char == "(" and depth == 0 and i > 0:
             cut = i
             break
         elif char == " " and depth == 0:
@@ -150,7 +157,7 @@ def crash_state(frames: Sequence[Frame], limit: int, *, distinct: bool = False) 
     state: list[str] = []
     entries: list[str] = []
     for frame in frames:
-        function = bare_function(frame.function)
+        function = bare_function(frame.function[: LINE_CAP * 4])  # bounded cache keys
         if is_runtime(frame, function):
             continue
         if is_entry(function):

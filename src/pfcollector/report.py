@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ._frames import Frame, bare_function, crash_state, parse_frame
+from ._frames import Frame, bare_function, crash_state, is_runtime, parse_frame
 
 __all__ = ["MAX_LINE", "MAX_TEXT", "STATE_FRAMES", "Frame", "Report", "parse"]
 
@@ -50,15 +50,11 @@ class Report:
 
     @property
     def signature(self) -> str | None:
-        """``crash type`` and the state, one per line; None when the type is unknown."""
-        if not self.crash_type:
+        """Crash type and state, one per line; None without both (a bucket of every crash of
+        one type would hide distinct bugs: such a crash is deduplicated by input instead)."""
+        if not self.crash_type or not self.state:
             return None
         return "\n".join((self.crash_type, *self.state))
-
-    @property
-    def stack_text(self) -> str:
-        """The crash stack as plain lines (``#0 function file:line (module)``)."""
-        return "\n".join(f"#{i} {frame}" for i, frame in enumerate(self.frames))
 
 
 _SANITIZER = re.compile(
@@ -134,6 +130,8 @@ class _Header:
     stack_from: int
     #: For an assertion: the state comes from the message, not from frames.
     state: tuple[str, ...] = ()
+    #: The source location the header names (UBSan's ``file.c:58``): the state without frames.
+    where: tuple[str, ...] = ()
 
 
 def parse(output: str, stack_trace: str = "") -> Report:
@@ -148,7 +146,18 @@ def parse(output: str, stack_trace: str = "") -> Report:
     state = header.state or crash_state(
         frames, STATE_FRAMES, distinct=header.crash_type.startswith("stack-overflow")
     )
+    if not state:  # no usable frame: where the report says it happened, if it says
+        state = _summary_function(lines, header.line) or header.where
     return Report(header.tool, header.crash_type, tuple(frames), state)
+
+
+def _summary_function(lines: list[str], start: int) -> tuple[str, ...]:
+    """``(function,)`` from the report's ``SUMMARY: ... in function`` line, if it names one."""
+    for line in lines[start : start + MAX_FRAMES * 2]:
+        if line.startswith("SUMMARY: ") and " in " in line:
+            function = bare_function(line.rpartition(" in ")[2].strip())
+            return (function,) if function and not is_runtime(Frame(function), function) else ()
+    return ()
 
 
 def _lines(text: str) -> list[str]:
@@ -174,8 +183,10 @@ def _header(lines: list[str], i: int, line: str) -> _Header | None:
         if match:
             return _sanitizer_header(lines, i, match.group(1), match.group(2))
     if "runtime error: " in line:  # "file:line:col: runtime error: message"
-        message = line.partition("runtime error: ")[2]
-        return _Header(0, i, "UndefinedBehaviorSanitizer", _ubsan_type(message), i)
+        location, _, message = line.partition("runtime error: ")
+        file, _, rest = location.rstrip(": ").rpartition("/")[2].partition(":")
+        place = (f"{file}:{rest.partition(':')[0]}"[:80],) if file and rest else ()
+        return _Header(0, i, "UndefinedBehaviorSanitizer", _ubsan_type(message), i, (), place)
     if "libFuzzer: " in line:
         match = _LIBFUZZER.search(line)
         if match:
