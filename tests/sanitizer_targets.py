@@ -28,6 +28,7 @@ BUILDS: dict[str, tuple[str, list[str]]] = {
     "asan": ("bugs.c", ["-fsanitize=address,undefined", *_COMMON]),
     "plain": ("bugs.c", _COMMON),
     "fuzzer": ("bugs.c", ["-DFUZZER", "-fsanitize=fuzzer,address,undefined", *_COMMON]),
+    "fuzzer-nosan": ("bugs.c", ["-DFUZZER", "-fsanitize=fuzzer", *_COMMON]),
     "msan": ("msan.c", ["-fsanitize=memory", *_COMMON]),
     "tsan": ("tsan.c", ["-fsanitize=thread", *_COMMON]),
 }
@@ -41,6 +42,8 @@ class Case:
     binary: str
     input: bytes = b""
     args: tuple[str, ...] = ()
+    #: Extra sanitizer options (``ASAN_OPTIONS`` suffix).
+    asan: str = ""
 
 
 CASES = (
@@ -54,9 +57,12 @@ CASES = (
     Case("ubsan-signed-integer-overflow", "asan", b"ix"),
     Case("asan-leak", "asan", b"lx"),
     Case("glibc-assertion", "plain", b"ax"),
+    Case("asan-assertion-handle-abort", "asan", b"ax", asan="handle_abort=1"),
     Case("msan-uninitialized", "msan"),
     Case("tsan-data-race", "tsan"),
     Case("libfuzzer-deadly-signal", "fuzzer", b"kx"),
+    Case("libfuzzer-nosan-deadly-signal", "fuzzer-nosan", b"bx"),
+    Case("libfuzzer-nosan-assertion", "fuzzer-nosan", b"ax"),
     Case("libfuzzer-heap-buffer-overflow", "fuzzer", b"hx"),
     Case("libfuzzer-timeout", "fuzzer", b"tx", ("-timeout=1",)),
     Case("libfuzzer-oom", "fuzzer", b"ox", ("-rss_limit_mb=1024", "-malloc_limit_mb=1024")),
@@ -93,12 +99,14 @@ def build(out_dir: Path, names: tuple[str, ...] = tuple(BUILDS)) -> dict[str, Pa
 def run_case(case: Case, built: dict[str, Path], work: Path) -> str:
     """Run one case and return what it wrote (stdout then stderr), as a fuzzer would see it."""
     env = {**os.environ, **SANITIZER_ENV}
+    if case.asan:
+        env["ASAN_OPTIONS"] += f":{case.asan}"
     symbolizer = shutil.which("llvm-symbolizer")
     if symbolizer:
         env["ASAN_SYMBOLIZER_PATH"] = env["MSAN_SYMBOLIZER_PATH"] = symbolizer
     argv = [str(built[case.binary])]
     stdin = None
-    if case.binary == "fuzzer":
+    if case.binary.startswith("fuzzer"):
         crash = work / f"{case.name}.in"
         crash.write_bytes(case.input)
         argv += [*case.args, str(crash)]

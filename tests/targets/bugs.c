@@ -69,6 +69,10 @@ __attribute__((noinline)) static void leak(void) {
     keep = 0; /* LeakSanitizer: detected memory leaks */
 }
 
+__attribute__((noinline)) static void give_up(void) {
+    abort(); /* a plain abort(): libFuzzer's "deadly signal" */
+}
+
 static int dispatch(const unsigned char *data, size_t size) {
     if (size < 2) return 0;
     switch (data[0]) {
@@ -82,6 +86,7 @@ static int dispatch(const unsigned char *data, size_t size) {
     case 'i': return overflow_int(data);
     case 'a': check_magic(data); return 0;
     case 'l': leak(); return 0;
+    case 'b': give_up(); return 0;
     default: return 0;
     }
 }
