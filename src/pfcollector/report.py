@@ -68,17 +68,21 @@ _ACCESS = re.compile(r"(READ|WRITE) of size (\d+)")
 _SIGNAL_ACCESS = re.compile(r"The signal is caused by a (READ|WRITE) memory access")
 _ADDRESS = re.compile(r"unknown address (?:0x)?([0-9a-fA-F]{1,16})")
 _WORD = re.compile(r"[A-Za-z][\w-]*")
+#: glibc's malloc_printerr messages and fatal errors (printed, then abort()): exact openings,
+#: so that a target's own "corrupted input" line is not taken for one.
 _GLIBC_START = (
-    "free(",
-    "malloc(",
-    "realloc(",
-    "calloc(",
-    "munmap_chunk(",
-    "malloc_consolidate(",
-    "double free or corruption",
-    "corrupted ",
-    "Fatal glibc error",
-    "_int_",
+    "free(): ",
+    "malloc(): ",
+    "realloc(): ",
+    "calloc(): ",
+    "munmap_chunk(): ",
+    "malloc_consolidate(): ",
+    "_int_free(): ",
+    "_int_malloc(): ",
+    "double free or corruption (",
+    "corrupted size vs. prev_size",
+    "corrupted double-linked list",
+    "Fatal glibc error: ",
     "*** Error in `",
 )
 
