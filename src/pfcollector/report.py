@@ -186,11 +186,12 @@ def _header(lines: list[str], i: int, line: str) -> _Header | None:
         match = _SANITIZER.search(line)
         if match:
             return _sanitizer_header(lines, i, match.group(1), match.group(2))
-    if "runtime error: " in line:  # "file:line:col: runtime error: message"
-        location, _, message = line.partition("runtime error: ")
-        file, _, rest = location.rstrip(": ").rpartition("/")[2].partition(":")
-        place = (f"{file}:{rest.partition(':')[0]}"[:80],) if file and rest else ()
-        return _Header(0, i, "UndefinedBehaviorSanitizer", _ubsan_type(message), i, (), place)
+    if ": runtime error: " in line:  # UBSan's "file:line:col: runtime error: message" only
+        location, _, message = line.partition(": runtime error: ")
+        parts = location.rsplit(":", 2)  # not an interpreter's own "runtime error:" line
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            place = (f"{parts[0].rpartition('/')[2]}:{parts[1]}"[:80],)
+            return _Header(0, i, "UndefinedBehaviorSanitizer", _ubsan_type(message), i, (), place)
     if "libFuzzer: " in line:
         match = _LIBFUZZER.search(line)
         if match:
