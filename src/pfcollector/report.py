@@ -147,12 +147,20 @@ def parse(output: str, stack_trace: str = "") -> Report:
     frames = _frames_after(lines, header.stack_from)
     if not frames and header.stack_from > 0:
         frames = _frames_after(lines, 0)  # e.g. the report in output, the frames elsewhere
+    crash_type = header.crash_type
+    if frames and crash_type[-1:].isdigit() and _in_runtime(frames[0]):
+        # memcpy/memset/strcpy...: the size is the caller's length, which the input sets.
+        crash_type = crash_type.rpartition(" ")[0] + " {*}"
     state = header.state or crash_state(
         frames, STATE_FRAMES, distinct=header.crash_type.startswith("stack-overflow")
     )
     if not state:  # no usable frame: where the report says it happened, if it says
         state = _summary_function(lines, header.line) or header.where
-    return Report(header.tool, header.crash_type, tuple(frames), state)
+    return Report(header.tool, crash_type, tuple(frames), state)
+
+
+def _in_runtime(frame: Frame) -> bool:
+    return is_runtime(frame, bare_function(frame.function[:320]))
 
 
 def _summary_function(lines: list[str], start: int) -> tuple[str, ...]:
