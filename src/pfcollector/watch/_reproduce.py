@@ -12,8 +12,9 @@ Resource handling:
     One child at a time, in its own session, killed with its whole process group after
     ``timeout`` seconds. In the child, before exec: ``RLIMIT_CPU``, ``RLIMIT_FSIZE`` (its output
     goes to a private temporary file, so at most :data:`OUTPUT_FILE_MAX` bytes), no core
-    files, and ``RLIMIT_AS`` for a target without a sanitizer (a sanitizer reserves terabytes
-    of address space: for those the limit is ``hard_rss_limit_mb`` in its options instead).
+    files, nice +10, and ``RLIMIT_AS`` for a target without a sanitizer (a sanitizer
+    reserves terabytes of address space: for those the limit is ``hard_rss_limit_mb`` in its
+    options instead).
     The working directory is the crash's directory.
 
 Error handling:
@@ -60,6 +61,7 @@ _ATTACHED_MAX = 60 * 1024
 #: afl-fuzz's options that take an argument (its getopt string, AFL++ 4).
 _AFL_ARG_OPTIONS = frozenset("bBceEifFgGlLmMopsStTVx")
 _STATS_MAX = 1024 * 1024  # a fuzzer_stats file is a few KiB
+_NICENESS = 10  # added to the target's nice value: reproducing yields the CPU to fuzzing
 _BINARY_CHUNKS = 256  # MiB of a target binary searched for a sanitizer's runtime
 _SANITIZER_MARKS = (b"__asan_init", b"__msan_init", b"__tsan_init", b"__hwasan_init")
 
@@ -226,6 +228,7 @@ def _limiter(limits: Limits, sanitized: bool) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
         resource.setrlimit(resource.RLIMIT_FSIZE, (OUTPUT_FILE_MAX, OUTPUT_FILE_MAX))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.nice(_NICENESS)  # the fuzzer comes first
         if not sanitized:
             resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
