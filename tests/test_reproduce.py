@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pfcollector import bugs
 from pfcollector.config import Config
@@ -73,6 +75,15 @@ def test_root_runs_the_target_as_the_fuzzers_user(tmp_path: Path) -> None:
     fields = Reproducer(tmp_path / "out").run(crash.parent.parent, crash, b"x")
     assert fields["output"].splitlines()[1] == str(NOBODY)  # what `id -u` printed
     assert fields["output"].startswith("reproduced: exited with 3")
+
+
+@settings(deadline=None)
+@given(st.text(max_size=200))
+def test_target_argv_never_raises(command_line: str) -> None:
+    argv, out_dir, input_file = target_argv(command_line)
+    assert isinstance(argv, list)
+    assert out_dir is None or isinstance(out_dir, str)
+    assert input_file is None or isinstance(input_file, str)
 
 
 def test_never_as_root() -> None:
