@@ -1,0 +1,3 @@
+module pfcollector.local/pfclient
+
+go 1.19
