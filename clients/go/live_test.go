@@ -1,0 +1,296 @@
+package pfclient
+
+// The Collector against a live daemon delivering to the reference master: every bot event
+// type arrives with the right fields, crash inputs land in the input store, 16 goroutines
+// at once, kill -9 of the daemon.
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// botCrashResult has the exported fields of the bot's common.CrashResult (same names and
+// types, as docs/pandafuzz-bot.md lists them): the Collector must read it by reflection.
+type botCrashResult struct {
+	ID         string    `json:"id"`
+	JobID      string    `json:"job_id"`
+	BotID      string    `json:"bot_id"`
+	Hash       string    `json:"hash"`
+	FilePath   string    `json:"file_path"`
+	Type       string    `json:"type"`
+	Signal     int       `json:"signal"`
+	ExitCode   int       `json:"exit_code"`
+	Timestamp  time.Time `json:"timestamp"`
+	Size       int64     `json:"size"`
+	IsUnique   bool      `json:"is_unique"`
+	Input      []byte    `json:"-"`
+	Output     string    `json:"output"`
+	StackTrace string    `json:"stack_trace"`
+}
+
+// fuzzerType is a named string, like the bot's fuzzer.FuzzerType in a started event.
+type fuzzerType string
+
+func crashEvent(job, name string, input []byte) FuzzerEvent {
+	sum := sha256.Sum256(input)
+	return FuzzerEvent{Type: EventCrashFound, Timestamp: time.Now(), JobID: job, Data: map[string]interface{}{
+		"crash": &botCrashResult{
+			ID: name, JobID: job, BotID: "bot-1", Hash: hex.EncodeToString(sum[:]),
+			FilePath: "crashes/" + name, Type: "segfault", Signal: 11, ExitCode: -11,
+			Timestamp: time.Now(), Size: int64(len(input)), IsUnique: true, Input: input,
+			Output: "==1==ERROR: AddressSanitizer: SEGV", StackTrace: "#0 0x4005 in parse fuzz.c:12",
+		},
+	}}
+}
+
+func newLiveCollector(t *testing.T, d *daemon, crashTimeout time.Duration) *Collector {
+	t.Helper()
+	c, err := NewCollector(CollectorOptions{SocketPath: d.sock, CrashTimeout: crashTimeout, Logf: quietLog,
+		OutboxDir: filepath.Join(d.dataDir, "outbox")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestEveryBotEventTypeReachesTheMaster(t *testing.T) {
+	m := startMaster(t)
+	d := startDaemon(t, m.url)
+	c := newLiveCollector(t, d, 10*time.Second)
+	if err := c.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	job := "job-every"
+	input := []byte("PFZ\x00\xff\x80\ncrash input bytes")
+	now := time.Now()
+	events := []FuzzerEvent{
+		{Type: EventStarted, Timestamp: now, JobID: job, Data: map[string]interface{}{"fuzzer": "afl++", "type": fuzzerType("aflplusplus")}},
+		{Type: EventStats, Timestamp: now, JobID: job, Data: map[string]interface{}{
+			"executions": int64(123456), "exec_per_second": 8500.5, "coverage_percent": 37.5,
+			"unique_crashes": 2, "corpus_size": 312, "cpu_usage": 99.5, "memory_usage": int64(1 << 20)}},
+		{Type: EventStats, Timestamp: now, JobID: job, Data: map[string]interface{}{
+			"phase": "fuzzing", "progress_percent": 50.0, "queue_position": 3, "queue_size": 10}},
+		{Type: EventCorpusUpdate, Timestamp: now, JobID: job, Data: map[string]interface{}{
+			"path_id": "000042", "file_name": "id:000042,src:000001,op:havoc", "size": int64(2048), "coverage": 17}},
+		{Type: EventCoverage, Timestamp: now, JobID: job, Data: map[string]interface{}{
+			"coverage_id": "cov-1", "edges": 1500, "new_edges": 3, "exec_count": int64(99)}},
+		crashEvent(job, "id:000000,sig:11,src:000000,op:havoc", input),
+		{Type: EventError, Timestamp: now, JobID: job, Data: map[string]interface{}{"fuzzer": "afl++", "error": "target binary missing"}},
+		{Type: EventTimeout, Timestamp: now, JobID: job, Data: map[string]interface{}{"duration_seconds": 3600.0, "duration_string": "1h0m0s"}},
+		{Type: EventStopped, Timestamp: now, JobID: job, Data: map[string]interface{}{"fuzzer": "afl++", "reason": "completed"}},
+		{Type: "mystery", Timestamp: now, JobID: job, Data: map[string]interface{}{"x": 1}},
+	}
+	for _, ev := range events {
+		err := c.HandleEvent(ev)
+		if ev.Type == "mystery" {
+			if err == nil || !strings.Contains(err.Error(), "unknown event type") {
+				t.Fatalf("unknown type: got %v", err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", ev.Type, err)
+		}
+	}
+	if err := c.Client().Flush(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	waitFor(t, "the crash", func() bool { return len(m.jobRows(t, "crash", job)) == 1 })
+	crash := m.jobRows(t, "crash", job)[0]
+	sum := sha256.Sum256(input)
+	want := hex.EncodeToString(sum[:])
+	if crash["hash"] != want || crash["size"] != float64(len(input)) || crash["type"] != "segfault" ||
+		crash["signal"] != float64(11) || crash["exit_code"] != float64(-11) {
+		t.Fatalf("crash row %v", crash)
+	}
+	if crash["output"] != "==1==ERROR: AddressSanitizer: SEGV" || crash["stack_trace"] != "#0 0x4005 in parse fuzz.c:12" {
+		t.Fatalf("crash text %v", crash)
+	}
+	if crash["bot_id"] != "go-bot" || !strings.HasPrefix(crash["id"].(string), "crash-") {
+		t.Fatalf("crash ids %v", crash)
+	}
+	stored, err := os.ReadFile(crash["file_path"].(string))
+	if err != nil {
+		t.Fatalf("the input store: %v", err)
+	}
+	if got := sha256.Sum256(stored); hex.EncodeToString(got[:]) != want {
+		t.Fatalf("input store holds %x", stored)
+	}
+
+	waitFor(t, "the corpus update", func() bool { return len(m.jobRows(t, "corpus", job)) == 1 })
+	corpus := m.jobRows(t, "corpus", job)[0]
+	if fmt.Sprint(corpus["files"]) != "[id:000042,src:000001,op:havoc]" || corpus["total_size"] != float64(2048) {
+		t.Fatalf("corpus row %v", corpus)
+	}
+	waitFor(t, "coverage", func() bool { return len(m.jobRows(t, "coverage", job)) == 1 })
+	cov := m.jobRows(t, "coverage", job)[0]
+	if cov["edges"] != float64(1500) || cov["new_edges"] != float64(3) || cov["exec_count"] != float64(99) {
+		t.Fatalf("coverage row %v", cov)
+	}
+
+	byType := func() map[string]map[string]any {
+		out := map[string]map[string]any{}
+		for _, b := range m.statusBodies(t, job) {
+			out[fmt.Sprint(b["type"])] = b
+		}
+		return out
+	}
+	waitFor(t, "stats and lifecycle", func() bool { return len(byType()) == 5 })
+	got := byType()
+	stats := got["fuzzer_stats"]
+	for k, v := range map[string]float64{"executions": 123456, "exec_per_second": 8500.5, "coverage_percent": 37.5,
+		"unique_crashes": 2, "corpus_size": 312, "cpu_usage": 99.5, "memory_usage": 1 << 20} {
+		if stats[k] != v {
+			t.Fatalf("stats %s = %v, want %v (%v)", k, stats[k], v, stats)
+		}
+	}
+	for typ, msg := range map[string]string{
+		"started": "fuzzer=afl++ type=aflplusplus",
+		"stopped": "completed fuzzer=afl++",
+		"error":   "target binary missing fuzzer=afl++",
+		"timeout": "1h0m0s duration_seconds=3600",
+	} {
+		if got[typ]["message"] != msg || got[typ]["fuzzer"] != DefaultCollectorFuzzer {
+			t.Fatalf("%s body %v, want message %q", typ, got[typ], msg)
+		}
+	}
+
+	stats2 := c.GetStats()
+	if stats2["unknown_events"] != int64(1) || stats2["progress_updates"] != int64(1) ||
+		stats2["batch_size_limit"] != 100 || stats2["flush_interval"] != 200*time.Millisecond ||
+		stats2["daemon_error"] != "" || stats2["event_queue_cap"] != DefaultMaxPending {
+		t.Fatalf("GetStats %v", stats2)
+	}
+	if n := stats2["unknown_event_types"].(map[string]int64)["mystery"]; n != 1 {
+		t.Fatalf("unknown types %v", stats2["unknown_event_types"])
+	}
+	c.SetBatchSize(50)
+	c.SetFlushInterval(300 * time.Millisecond)
+	c.SetBatchSize(0) // ignored
+	stats3 := c.GetStats()
+	if stats3["batch_size_limit"] != 50 || stats3["flush_interval"] != 300*time.Millisecond {
+		t.Fatalf("after tune: %v", stats3)
+	}
+	if err := c.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Stop(); err == nil {
+		t.Fatal("a second Stop should say it was not running")
+	}
+}
+
+func TestHandleEventFrom16Goroutines(t *testing.T) {
+	m := startMaster(t)
+	d := startDaemon(t, m.url)
+	c := newLiveCollector(t, d, 15*time.Second)
+	if err := c.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	const workers, each = 16, 20
+	job := "job-16"
+	var wg sync.WaitGroup
+	errs := make(chan error, workers*each*3)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				name := fmt.Sprintf("w%02d-%03d", w, i)
+				for _, ev := range []FuzzerEvent{
+					crashEvent(job, name, []byte("input "+name)),
+					{Type: EventCorpusUpdate, JobID: job, Data: map[string]interface{}{"path_id": name, "file_name": name, "size": int64(i), "coverage": i}},
+					{Type: EventStats, JobID: job, Data: map[string]interface{}{"executions": int64(i), "exec_per_second": 1.5}},
+				} {
+					if err := c.HandleEvent(ev); err != nil {
+						errs <- fmt.Errorf("%s %s: %w", name, ev.Type, err)
+					}
+				}
+				_ = c.GetStats()
+			}
+		}(w)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if err := c.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "every crash and corpus entry", func() bool {
+		return len(m.jobRows(t, "crash", job)) == workers*each && len(m.jobRows(t, "corpus", job)) == workers*each
+	})
+	for _, r := range m.jobRows(t, "crash", job) {
+		if r["type"] != "segfault" {
+			t.Fatalf("crash row %v", r)
+		}
+	}
+}
+
+func TestKill9OfTheDaemonLosesNoCrash(t *testing.T) {
+	m := startMaster(t)
+	d := startDaemon(t, m.url)
+	// A crash waits up to 30 s for its acknowledgement: long enough for the restart below.
+	c := newLiveCollector(t, d, 30*time.Second)
+	if err := c.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	job := "job-kill9"
+	const total = 120
+	want := map[string]bool{}
+	var wantMu sync.Mutex
+	sent := make(chan int, total)
+	done := make(chan error, 1)
+	go func() {
+		for i := 0; i < total; i++ {
+			input := []byte(fmt.Sprintf("kill9 input %d", i))
+			ev := crashEvent(job, fmt.Sprintf("id:%06d", i), input)
+			mapped, _ := MapEvent(ev)
+			wantMu.Lock()
+			want[mapped.ID] = true
+			wantMu.Unlock()
+			if err := c.HandleEvent(ev); err != nil {
+				done <- fmt.Errorf("crash %d: %w", i, err)
+				return
+			}
+			sent <- i
+		}
+		done <- nil
+	}()
+	for i := 0; i < total/3; i++ {
+		<-sent
+	}
+	d.kill9() // crashes in flight and the ones that follow wait for the new daemon
+	time.Sleep(300 * time.Millisecond)
+	d.start()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, fmt.Sprintf("all %d crashes at the master", total), func() bool {
+		got := map[string]bool{}
+		for _, r := range m.jobRows(t, "crash", job) {
+			got[r["id"].(string)] = true
+		}
+		for id := range want {
+			if !got[id] {
+				return false
+			}
+		}
+		return true
+	})
+	if s := c.GetStats(); s["crashes_outboxed"] != int64(0) {
+		t.Fatalf("nothing should have needed the outbox: %v", s)
+	}
+}
