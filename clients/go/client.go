@@ -191,7 +191,7 @@ func newClient(opts Options) (*Client, error) {
 		c.path = DefaultSocketPath()
 	}
 	if c.logf == nil {
-		c.logf = func(format string, args ...any) { log.Printf("pfclient: "+format, args...) }
+		c.logf = func(format string, args ...any) { log.Printf(format, args...) }
 	}
 	for _, uid := range opts.AllowUIDs {
 		c.allowUIDs[uid] = true
@@ -1065,4 +1065,11 @@ func recoverTo(err *error) {
 	if r := recover(); r != nil {
 		*err = fmt.Errorf("pfclient: internal error (recovered): %v", r)
 	}
+}
+
+// welcomeOutbox is the outbox the daemon named in its last welcome ("" if none).
+func (c *Client) welcomeOutbox() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.outboxDir
 }

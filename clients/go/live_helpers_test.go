@@ -232,6 +232,6 @@ func waitFor(t *testing.T, what string, check func() bool) {
 // client's goroutine may log after its test ended.)
 func quietLog(format string, args ...any) {
 	if testing.Verbose() {
-		fmt.Fprintf(os.Stderr, "pfclient: "+format+"\n", args...)
+		fmt.Fprintf(os.Stderr, format+"\n", args...)
 	}
 }

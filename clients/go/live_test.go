@@ -294,3 +294,78 @@ func TestKill9OfTheDaemonLosesNoCrash(t *testing.T) {
 		t.Fatalf("nothing should have needed the outbox: %v", s)
 	}
 }
+
+func TestCrashGoesToTheOutboxWhileTheDaemonIsDown(t *testing.T) {
+	m := startMaster(t)
+	d := startDaemon(t, m.url)
+	outbox := filepath.Join(d.dataDir, "outbox")
+	job := "job-outbox"
+
+	// One collector learnt the outbox from the daemon's welcome; the other never saw a
+	// daemon and uses its OutboxDir option.
+	c := newLiveCollector(t, d, 300*time.Millisecond)
+	c.opts.StopTimeout = 500 * time.Millisecond
+	if err := c.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the welcome", c.Client().Connected)
+	if got := c.Client().welcomeOutbox(); got != outbox {
+		t.Fatalf("welcome outbox %q, want %q", got, outbox)
+	}
+	d.kill9()
+
+	first := []byte("first crash, daemon gone")
+	if err := c.HandleEvent(crashEvent(job, "id:000001,sig:06", first)); err != nil {
+		t.Fatalf("an outboxed crash is saved, HandleEvent should say nil: %v", err)
+	}
+	fresh, err := NewCollector(CollectorOptions{SocketPath: d.sock, CrashTimeout: 300 * time.Millisecond,
+		StopTimeout: 300 * time.Millisecond, OutboxDir: outbox, Logf: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fresh.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	second := []byte("second crash, no daemon ever")
+	if err := fresh.HandleEvent(crashEvent(job, "id:000002,sig:11", second)); err != nil {
+		t.Fatal(err)
+	}
+	for _, col := range []*Collector{c, fresh} {
+		if s := col.GetStats(); s["crashes_outboxed"] != int64(1) || s["daemon_error"] == "" {
+			t.Fatalf("GetStats %v", s)
+		}
+	}
+	files, _ := filepath.Glob(filepath.Join(outbox, "*.pfev"))
+	if len(files) != 2 {
+		t.Fatalf("outbox holds %v", files)
+	}
+	for _, f := range files {
+		info, err := os.Stat(f)
+		if err != nil || info.Mode().Perm() != 0o640 {
+			t.Fatalf("%s: %v %v", f, info.Mode(), err)
+		}
+	}
+	// Stop with the daemon still away: nothing is left in memory to lose.
+	for _, col := range []*Collector{c, fresh} {
+		if err := col.Stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	d.start() // imports the outbox
+	waitFor(t, "both crashes at the master", func() bool { return len(m.jobRows(t, "crash", job)) == 2 })
+	for _, r := range m.jobRows(t, "crash", job) {
+		stored, err := os.ReadFile(r["file_path"].(string))
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum := sha256.Sum256(stored)
+		if r["hash"] != hex.EncodeToString(sum[:]) || (string(stored) != string(first) && string(stored) != string(second)) {
+			t.Fatalf("crash %v holds %q", r, stored)
+		}
+	}
+	waitFor(t, "the outbox to empty", func() bool {
+		files, _ := filepath.Glob(filepath.Join(outbox, "*.pfev"))
+		return len(files) == 0
+	})
+}

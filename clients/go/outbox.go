@@ -20,7 +20,7 @@ const OutboxSuffix = ".pfev"
 // WriteOutbox writes one event to dir as <id>.pfev, durably: a temp file (mode 0640,
 // O_CREAT|O_EXCL|O_NOFOLLOW) written whole, fsynced, renamed into place, then the directory
 // fsynced. hello and event are the two messages (event must carry "id", a valid event id, and
-// seq 1). The directory is created (0700) when missing. Returns the file's path.
+// seq 1). The directory is created (0750) when missing. Returns the file's path.
 func WriteOutbox(dir string, hello, event map[string]any) (string, error) {
 	id, _ := event["id"].(string)
 	if !ValidID(id) {
@@ -39,7 +39,7 @@ func WriteOutbox(dir string, hello, event map[string]any) (string, error) {
 
 // writeOutboxBytes writes data (the two frames) as dir/<id>.pfev, durably.
 func writeOutboxBytes(dir, id string, data []byte) (string, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return "", fmt.Errorf("pfclient: outbox %s: %w", dir, err)
 	}
 	var rnd [6]byte
