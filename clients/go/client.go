@@ -125,6 +125,7 @@ type Client struct {
 	welcomed   bool   // some daemon answered a hello once
 	outboxDir  string // the daemon's outbox, from its welcome ("" when it had none)
 	lastErr    error
+	down       bool // the last connection attempt failed (cleared by a welcome)
 	rejected   []*RejectedError
 	unreported []*RejectedError
 	counters   Counters
@@ -304,6 +305,12 @@ func (c *Client) Crash(ev Event) (id string, err error) {
 			return p2.id, c.outbox(p2, err, false)
 		}
 		return "", err
+	}
+	c.mu.Lock()
+	down, cause := c.down && !c.connected, c.lastErr
+	c.mu.Unlock()
+	if down {
+		return p.id, c.outbox(p, cause, true)
 	}
 	werr := c.waitFor(p, time.Until(deadline))
 	if werr == nil {
@@ -766,6 +773,7 @@ func (c *Client) run() {
 			c.lastErr = err
 			if !welcomed {
 				c.counters.ConnectErr++
+				c.down = true
 			}
 		}
 		// Control requests cannot outlive their connection: fail them now.
@@ -851,6 +859,7 @@ func (c *Client) session() (welcomed bool, err error) {
 	c.mu.Lock()
 	c.connected = true
 	c.lastErr = nil
+	c.down = false
 	c.counters.Connects++
 	c.mu.Unlock()
 	defer func() {

