@@ -190,3 +190,42 @@ func TestMsgpackRoundTripAndDocExamples(t *testing.T) {
 		}
 	}
 }
+
+// The lines docs/pandafuzz-bot.md tells the bot to change, with the bot's types mirrored:
+// a named event type, its event struct, and a logrus-like logger.
+type botEventType string
+
+type botFuzzerEvent struct {
+	Type      botEventType
+	Timestamp time.Time
+	JobID     string
+	Data      map[string]interface{}
+}
+
+type logrusLike struct{ lines []string }
+
+func (l *logrusLike) Warnf(format string, args ...interface{}) {
+	l.lines = append(l.lines, format)
+}
+
+func TestTheBotsChangedLinesCompileAndWork(t *testing.T) {
+	logger := &logrusLike{}
+	resultCollector, err := NewCollector(CollectorOptions{
+		Fuzzer:       "pandafuzz-bot",
+		Logf:         logger.Warnf,
+		SocketPath:   "/nonexistent-dir/pf.sock", // (test only: no daemon)
+		CrashTimeout: time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	event := botFuzzerEvent{Type: "stopped", Timestamp: time.Now(), JobID: "j", Data: map[string]interface{}{"reason": "r"}}
+	if err := resultCollector.HandleEvent(FuzzerEvent{
+		Type: string(event.Type), Timestamp: event.Timestamp, JobID: event.JobID, Data: event.Data,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := resultCollector.Stop(); err == nil {
+		t.Fatal("Stop before Start should say so")
+	}
+}
