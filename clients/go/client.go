@@ -21,6 +21,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -56,8 +57,8 @@ type Options struct {
 	// OutboxDir for crashes the daemon cannot acknowledge. The daemon's own (from its
 	// welcome) is used when known; else this; else DefaultOutboxDir().
 	OutboxDir string
-	// AllowUIDs the daemon may run as, besides this process's uid, root and
-	// $PFCOLLECTOR_DAEMON_UID (checked with SO_PEERCRED on Linux).
+	// AllowUIDs the daemon may run as, besides this process's uid, root and the uids of
+	// $PFCOLLECTOR_DAEMON_UID (comma-separated); checked with SO_PEERCRED on Linux.
 	AllowUIDs []int
 	// Logf receives the client's rare log lines (connection lost, crash outboxed); the
 	// standard logger when nil.
@@ -198,11 +199,17 @@ func newClient(opts Options) (*Client, error) {
 		c.allowUIDs[uid] = true
 	}
 	if s := os.Getenv("PFCOLLECTOR_DAEMON_UID"); s != "" {
-		uid, err := strconv.Atoi(s)
-		if err != nil || uid < 0 {
-			return nil, fmt.Errorf("pfclient: PFCOLLECTOR_DAEMON_UID must be a numeric uid, got %q", s)
+		for _, part := range strings.Split(s, ",") {
+			part = strings.TrimSpace(part)
+			if part == "" {
+				continue
+			}
+			uid, err := strconv.Atoi(part)
+			if err != nil || uid < 0 {
+				return nil, fmt.Errorf("pfclient: PFCOLLECTOR_DAEMON_UID must be uids separated by commas, got %q", s)
+			}
+			c.allowUIDs[uid] = true
 		}
-		c.allowUIDs[uid] = true
 	}
 	return c, nil
 }

@@ -378,12 +378,12 @@ func TestRefusesADaemonOfAnotherUser(t *testing.T) {
 }
 
 func TestDaemonUIDFromTheEnvironment(t *testing.T) {
-	t.Setenv("PFCOLLECTOR_DAEMON_UID", "4321")
+	t.Setenv("PFCOLLECTOR_DAEMON_UID", "4321, 999")
 	c, err := newClient(Options{JobID: "j", Fuzzer: "f"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !c.allowUIDs[4321] || !c.allowUIDs[0] || !c.allowUIDs[os.Getuid()] {
+	if !c.allowUIDs[4321] || !c.allowUIDs[999] || len(c.allowUIDs) > 4 || !c.allowUIDs[0] || !c.allowUIDs[os.Getuid()] {
 		t.Fatalf("allowed %v", c.allowUIDs)
 	}
 	t.Setenv("PFCOLLECTOR_DAEMON_UID", "daemon")
