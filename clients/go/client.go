@@ -51,7 +51,9 @@ type Options struct {
 	// outbox (default: Timeout).
 	CrashTimeout time.Duration
 	// MaxPending and MaxPendingBytes bound the events kept until acknowledged (defaults
-	// 4096 events, 64 MiB). A call that finds them full waits up to Timeout for room.
+	// 4096 events, 64 MiB). When they are reached, the oldest stats or coverage event queued
+	// is dropped to make room; if there is none, a call waits up to Timeout for acks (not at
+	// all while the daemon is down) and then returns ErrQueueFull.
 	MaxPending      int
 	MaxPendingBytes int64
 	// OutboxDir for crashes the daemon cannot acknowledge. The daemon's own (from its
@@ -90,6 +92,7 @@ type pending struct {
 	gen     uint64 // the connection it was last written on (0: none yet)
 	seq     int64  // its seq on that connection
 	done    chan struct{}
+	once    sync.Once
 	err     error
 }
 
@@ -264,7 +267,8 @@ func (c *Client) Rejected() []*RejectedError {
 }
 
 // Send queues ev and returns its id without waiting for the acknowledgement. It waits (up
-// to Timeout) only when MaxPending/MaxPendingBytes are reached.
+// to Timeout) only when MaxPending/MaxPendingBytes are reached by events other than stats
+// and coverage, and the daemon is up (see Options.MaxPending).
 func (c *Client) Send(ev Event) (id string, err error) {
 	defer recoverTo(&err)
 	p, err := c.enqueue(ev, c.opts.Timeout)
@@ -542,6 +546,19 @@ func (c *Client) enqueue(ev Event, budget time.Duration) (*pending, error) {
 			(c.queueBytes+p.size <= c.opts.MaxPendingBytes || len(c.queue) == 0) {
 			break
 		}
+		// Full. Stats and coverage are snapshots (the latest says it all): the oldest one
+		// queued makes room for any event. Otherwise wait for acks, unless the daemon is down.
+		if victim := c.oldestSnapshot(); victim != nil {
+			c.remove(victim)
+			c.finish(victim, ErrQueueFull)
+			c.counters.Dropped++
+			continue
+		}
+		if c.down && !c.connected {
+			c.counters.Dropped++
+			c.mu.Unlock()
+			return nil, fmt.Errorf("%w (%v)", ErrQueueFull, c.lastErr)
+		}
 		space := c.space
 		c.mu.Unlock()
 		left := time.Until(deadline)
@@ -641,6 +658,16 @@ func (c *Client) outbox(p *pending, cause error, queued bool) error {
 	return out
 }
 
+// oldestSnapshot is the oldest stats or coverage event queued, or nil (c.mu held).
+func (c *Client) oldestSnapshot() *pending {
+	for _, p := range c.queue {
+		if p.kind == "stats" || p.kind == "coverage" {
+			return p
+		}
+	}
+	return nil
+}
+
 // remove takes p out of the queue (c.mu held).
 func (c *Client) remove(p *pending) {
 	for i, q := range c.queue {
@@ -657,12 +684,10 @@ func (c *Client) remove(p *pending) {
 
 // finish marks p done with err (once).
 func (c *Client) finish(p *pending, err error) {
-	select {
-	case <-p.done:
-	default:
+	p.once.Do(func() {
 		p.err = err
 		close(p.done)
-	}
+	})
 }
 
 // notifySpace wakes every caller waiting for room (c.mu held).

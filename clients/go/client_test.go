@@ -307,15 +307,33 @@ func checkOutboxFile(t *testing.T, path, id, job string, input []byte) {
 
 func TestNoDaemonFailsOpenWithinBudget(t *testing.T) {
 	path := filepath.Join(shortTempDir(t), "nobody.sock")
-	c := testClient(t, path, Options{Timeout: 200 * time.Millisecond, MaxPending: 2})
+	// A long budget: a call that waited for it would stand out.
+	c := testClient(t, path, Options{Timeout: 20 * time.Second, MaxPending: 2})
 	start := time.Now()
+	var statsIDs []string
+	for i := 0; i < 3; i++ {
+		id, err := c.Send(Event{Kind: "stats", Fields: map[string]any{"executions": i}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		statsIDs = append(statsIDs, id)
+	}
+	// The third stats event pushed out the first; two corpus events push out the rest.
 	for i := 0; i < 2; i++ {
-		if _, err := c.Send(Event{Kind: "stats", Fields: map[string]any{"executions": i}}); err != nil {
+		if _, err := c.Send(Event{Kind: "corpus", Fields: map[string]any{"files": []string{"a"}}}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := c.Send(Event{Kind: "stats"}); !errors.Is(err, ErrQueueFull) {
-		t.Fatalf("third event: %v", err)
+	if c.Stats().Dropped != 3 || c.Pending() != 2 {
+		t.Fatalf("%+v pending %d", c.Stats(), c.Pending())
+	}
+	waitFor(t, "a failed connection attempt", func() bool { return c.LastError() != nil })
+	before := time.Now()
+	if _, err := c.Send(Event{Kind: "started"}); !errors.Is(err, ErrQueueFull) {
+		t.Fatalf("a full queue of corpus events: %v", err)
+	}
+	if waited := time.Since(before); waited > 10*time.Second {
+		t.Fatalf("with the daemon down a full queue should not wait (%v)", waited)
 	}
 	if _, err := c.Status(200 * time.Millisecond); err == nil {
 		t.Fatal("status without a daemon")
@@ -331,8 +349,8 @@ func TestNoDaemonFailsOpenWithinBudget(t *testing.T) {
 	if c.LastError() == nil || !errors.Is(c.LastError(), ErrUnavailable) {
 		t.Fatalf("last error %v", c.LastError())
 	}
-	// Every call above is bounded by its budget (0.2 s each, six calls).
-	if elapsed := time.Since(start); elapsed > 5*time.Second {
+	// With the daemon known to be down, no call above waited for the 20 s budget.
+	if elapsed := time.Since(start); elapsed > 10*time.Second {
 		t.Fatalf("calls took %v", elapsed)
 	}
 	if err := c.Close(); err == nil || !strings.Contains(err.Error(), "2 events") {
