@@ -137,8 +137,8 @@ func startDaemon(t *testing.T, masterURL string) *daemon {
 	t.Helper()
 	dir := shortTempDir(t)
 	d := &daemon{t: t, dir: dir, sock: filepath.Join(dir, "pf.sock"), dataDir: filepath.Join(dir, "data"), master: masterURL}
+	t.Cleanup(d.stop) // first: a start that fails half-way leaves no process behind
 	d.start()
-	t.Cleanup(d.stop)
 	return d
 }
 
@@ -153,9 +153,9 @@ func (d *daemon) start() {
 	if err := cmd.Start(); err != nil {
 		d.t.Fatalf("starting the daemon: %v", err)
 	}
-	d.cmd = cmd
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
+	d.cmd, d.exited = cmd, exited // reaped in the background; stop and kill9 wait on it
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		c, err := newClient(Options{SocketPath: d.sock, JobID: "probe", Fuzzer: "probe", Timeout: time.Second, Logf: func(string, ...any) {}})
@@ -170,6 +170,7 @@ func (d *daemon) start() {
 		}
 		select {
 		case err := <-exited:
+			d.cmd = nil
 			d.t.Fatalf("the daemon exited: %v", err)
 		default:
 		}
@@ -178,7 +179,6 @@ func (d *daemon) start() {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	d.exited = exited // reaped in the background; stop and kill9 wait on it
 }
 
 func (d *daemon) kill9() {
