@@ -39,13 +39,16 @@ type botCrashResult struct {
 // fuzzerType is a named string, like the bot's fuzzer.FuzzerType in a started event.
 type fuzzerType string
 
+// crashTime is the CrashResult time of every test crash (AFL: the crash file's mtime).
+var crashTime = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+
 func crashEvent(job, name string, input []byte) FuzzerEvent {
 	sum := sha256.Sum256(input)
 	return FuzzerEvent{Type: EventCrashFound, Timestamp: time.Now(), JobID: job, Data: map[string]interface{}{
 		"crash": &botCrashResult{
 			ID: name, JobID: job, BotID: "bot-1", Hash: hex.EncodeToString(sum[:]),
 			FilePath: "crashes/" + name, Type: "segfault", Signal: 11, ExitCode: -11,
-			Timestamp: time.Now(), Size: int64(len(input)), IsUnique: true, Input: input,
+			Timestamp: crashTime, Size: int64(len(input)), IsUnique: true, Input: input,
 			Output: "==1==ERROR: AddressSanitizer: SEGV", StackTrace: "#0 0x4005 in parse fuzz.c:12",
 		},
 	}}
@@ -83,6 +86,7 @@ func TestEveryBotEventTypeReachesTheMaster(t *testing.T) {
 		{Type: EventCoverage, Timestamp: now, JobID: job, Data: map[string]interface{}{
 			"coverage_id": "cov-1", "edges": 1500, "new_edges": 3, "exec_count": int64(99)}},
 		crashEvent(job, "id:000000,sig:11,src:000000,op:havoc", input),
+		crashEvent(job, "id:000000,sig:11,src:000000,op:havoc", input), // reported again: stored once
 		{Type: EventError, Timestamp: now, JobID: job, Data: map[string]interface{}{"fuzzer": "afl++", "error": "target binary missing"}},
 		{Type: EventTimeout, Timestamp: now, JobID: job, Data: map[string]interface{}{"duration_seconds": 3600.0, "duration_string": "1h0m0s"}},
 		{Type: EventStopped, Timestamp: now, JobID: job, Data: map[string]interface{}{"fuzzer": "afl++", "reason": "completed"}},
@@ -104,6 +108,13 @@ func TestEveryBotEventTypeReachesTheMaster(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	status, err := c.Client().Status(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := asInt64(dig(status, "spool", "kinds", "crash")["accepted"]); n != 1 {
+		t.Fatalf("the crash reported twice should be stored once, the spool accepted %d", n)
+	}
 	waitFor(t, "the crash", func() bool { return len(m.jobRows(t, "crash", job)) == 1 })
 	crash := m.jobRows(t, "crash", job)[0]
 	sum := sha256.Sum256(input)

@@ -131,11 +131,11 @@ func mapCrash(ev FuzzerEvent, out Event) (Event, error) {
 			out.JobID = asString(v)
 		}
 	}
-	if out.Time.IsZero() {
-		if v, ok := get("Timestamp", "timestamp"); ok {
-			if t, ok := v.(time.Time); ok {
-				out.Time = t
-			}
+	// The crash's own time (AFL: the crash file's mtime) rather than the event's: a crash
+	// the bot reports again is then the same event, byte for byte, and stored once.
+	if v, ok := get("Timestamp", "timestamp"); ok {
+		if t, ok := v.(time.Time); ok && !t.IsZero() {
+			out.Time = t
 		}
 	}
 	signal, exitCode := int64(0), int64(0)

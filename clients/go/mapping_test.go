@@ -30,6 +30,9 @@ func TestMapCrashReadsTheCrashResultByReflection(t *testing.T) {
 	// Same job, bot id and input: same event id (a re-report is stored once); another job
 	// with the same file name: another id.
 	again, _ := MapEvent(crashEvent("job-1", "id:000000,sig:11", input))
+	if !got.Time.Equal(ev.Data["crash"].(*botCrashResult).Timestamp) {
+		t.Fatalf("a crash keeps the CrashResult's time, got %v", got.Time)
+	}
 	other, _ := MapEvent(crashEvent("job-2", "id:000000,sig:11", input))
 	if again.ID != got.ID || other.ID == got.ID {
 		t.Fatalf("ids %s %s %s", got.ID, again.ID, other.ID)
