@@ -20,7 +20,7 @@ import (
 
 const liveWait = 20 * time.Second // for anything to reach the master (the daemon flushes every 0.2 s)
 
-func pfcollectorBin(t *testing.T) string {
+func pfcollectorBin(t testing.TB) string {
 	t.Helper()
 	if p := os.Getenv("PFCOLLECTOR_BIN"); p != "" {
 		return p
@@ -39,7 +39,7 @@ type devMaster struct {
 
 var listenLine = regexp.MustCompile(`listening on (http://\S+)`)
 
-func startMaster(t *testing.T) *devMaster {
+func startMaster(t testing.TB) *devMaster {
 	t.Helper()
 	cmd := exec.Command(pfcollectorBin(t), "dev-master", "--port", "0")
 	out, err := cmd.StdoutPipe()
@@ -76,7 +76,7 @@ func startMaster(t *testing.T) *devMaster {
 }
 
 // rows are the master's stored rows of kind (crash, coverage, corpus, status).
-func (m *devMaster) rows(t *testing.T, kind string) []map[string]any {
+func (m *devMaster) rows(t testing.TB, kind string) []map[string]any {
 	t.Helper()
 	resp, err := http.Get(m.url + "/_dev/rows?kind=" + kind)
 	if err != nil {
@@ -93,7 +93,7 @@ func (m *devMaster) rows(t *testing.T, kind string) []map[string]any {
 }
 
 // statusBodies are the bodies posted to /results/status for job.
-func (m *devMaster) statusBodies(t *testing.T, job string) []map[string]any {
+func (m *devMaster) statusBodies(t testing.TB, job string) []map[string]any {
 	var out []map[string]any
 	for _, r := range m.rows(t, "status") {
 		if body, ok := r["body"].(map[string]any); ok && body["job_id"] == job {
@@ -103,7 +103,7 @@ func (m *devMaster) statusBodies(t *testing.T, job string) []map[string]any {
 	return out
 }
 
-func (m *devMaster) jobRows(t *testing.T, kind, job string) []map[string]any {
+func (m *devMaster) jobRows(t testing.TB, kind, job string) []map[string]any {
 	var out []map[string]any
 	for _, r := range m.rows(t, kind) {
 		if r["job_id"] == job {
@@ -114,7 +114,7 @@ func (m *devMaster) jobRows(t *testing.T, kind, job string) []map[string]any {
 }
 
 type daemon struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	sock    string
 	dataDir string
@@ -123,7 +123,7 @@ type daemon struct {
 	exited  chan error
 }
 
-func shortTempDir(t *testing.T) string {
+func shortTempDir(t testing.TB) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "pfgo") // socket paths must stay under 108 bytes
 	if err != nil {
@@ -133,7 +133,7 @@ func shortTempDir(t *testing.T) string {
 	return dir
 }
 
-func startDaemon(t *testing.T, masterURL string) *daemon {
+func startDaemon(t testing.TB, masterURL string) *daemon {
 	t.Helper()
 	dir := shortTempDir(t)
 	d := &daemon{t: t, dir: dir, sock: filepath.Join(dir, "pf.sock"), dataDir: filepath.Join(dir, "data"), master: masterURL}
@@ -217,7 +217,7 @@ func stopProcess(cmd *exec.Cmd) {
 }
 
 // waitFor polls check until it is true or liveWait passes.
-func waitFor(t *testing.T, what string, check func() bool) {
+func waitFor(t testing.TB, what string, check func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(liveWait)
 	for !check() {
