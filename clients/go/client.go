@@ -85,6 +85,7 @@ type Client struct {
 	outboxDir  string // the daemon's outbox, from its welcome ("" when it had none)
 	lastErr    error
 	down       bool // the last connection attempt failed (cleared by a welcome)
+	hung       bool // connected, but a crash's ack did not come in time (cleared by any answer)
 	rejected   []*RejectedError
 	unreported []*RejectedError
 	counters   Counters
@@ -99,7 +100,7 @@ type Counters struct {
 	Queued     int64 // events queued
 	Acked      int64 // events acknowledged (accepted)
 	Rejected   int64 // events refused by the daemon
-	Outboxed   int64 // crashes written to the outbox
+	Outboxed   int64 // events written to the outbox (crashes; corpus and lifecycle at Close)
 	Dropped    int64 // events dropped: queue full, or unacknowledged at Close
 	Connects   int64 // successful handshakes
 	ConnectErr int64 // failed connection attempts
@@ -250,8 +251,10 @@ func (c *Client) SendWait(ev Event, timeout time.Duration) (id string, err error
 // Crash sends a crash (ev.Kind "crash", or empty) and waits up to CrashTimeout until the
 // daemon has stored it durably. If the daemon cannot acknowledge it in time (down, killed,
 // spool full), the crash is written to the outbox and an *OutboxedError is returned
-// (errors.Is(err, ErrOutboxed)): it is saved, the daemon imports it when it runs. Other
-// errors mean the crash was not saved.
+// (errors.Is(err, ErrOutboxed)): it is saved, the daemon imports it when it runs. It goes
+// to the outbox at once, without waiting, while the last connection attempt failed (no
+// daemon) or while a connected daemon has not answered since a crash's ack timed out (hung).
+// Other errors mean the crash was not saved.
 func (c *Client) Crash(ev Event) (id string, err error) {
 	defer recoverTo(&err)
 	if ev.Kind == "" {
@@ -273,10 +276,13 @@ func (c *Client) Crash(ev Event) (id string, err error) {
 		return "", err
 	}
 	c.mu.Lock()
-	down, cause := c.down && !c.connected, c.lastErr
+	down, hung, cause := c.down && !c.connected, c.hung, c.lastErr
 	c.mu.Unlock()
 	if down {
 		return p.id, c.outbox(p, cause, true)
+	}
+	if hung {
+		return p.id, c.outbox(p, errHung, true)
 	}
 	werr := c.waitFor(p, time.Until(deadline))
 	if werr == nil {
@@ -285,6 +291,11 @@ func (c *Client) Crash(ev Event) (id string, err error) {
 	var rej *RejectedError
 	if errors.As(werr, &rej) && !rej.retryable() {
 		return p.id, werr
+	}
+	if errors.Is(werr, ErrTimeout) {
+		c.mu.Lock()
+		c.hung = c.connected // it is there but did not answer: later crashes do not wait
+		c.mu.Unlock()
 	}
 	return p.id, c.outbox(p, werr, true)
 }
@@ -304,6 +315,9 @@ func (c *Client) Flush(timeout time.Duration) (err error) {
 		}
 		if closed {
 			return fmt.Errorf("%w with %d events unacknowledged", ErrClosed, n)
+		}
+		if c.isDown() {
+			return fmt.Errorf("%w: %d events wait for it (%v)", ErrUnavailable, n, c.LastError())
 		}
 		left := time.Until(deadline)
 		if left <= 0 {
@@ -378,8 +392,8 @@ func (c *Client) Status(timeout time.Duration) (map[string]any, error) {
 	return m, nil
 }
 
-// Close stops the connection. Crashes still unacknowledged are written to the outbox;
-// other unacknowledged events are dropped, and the returned error counts them. Close does
+// Close stops the connection. Crashes, corpus and lifecycle events still unacknowledged are
+// written to the outbox; stats and coverage are dropped, and the returned error counts them. Close does
 // not flush: call Flush first. Closing twice returns ErrClosed.
 func (c *Client) Close() (err error) {
 	defer recoverTo(&err)
@@ -409,26 +423,37 @@ func (c *Client) Close() (err error) {
 	c.controls = nil
 	c.mu.Unlock()
 	var crashErr error
-	dropped := 0
+	dropped, saved := 0, 0
 	for _, p := range left {
-		if p.kind == "crash" {
-			if err := c.outbox(p, ErrClosed, false); !errors.Is(err, ErrOutboxed) && crashErr == nil {
-				crashErr = err
-			}
+		if p.kind == "stats" || p.kind == "coverage" {
+			dropped++ // snapshots: the next run sends fresher ones
+			c.finish(p, ErrClosed)
 			continue
 		}
-		dropped++
-		c.finish(p, ErrClosed)
+		err := c.outbox(p, ErrClosed, false)
+		switch {
+		case errors.Is(err, ErrOutboxed):
+			saved++
+		case p.kind == "crash":
+			if crashErr == nil {
+				crashErr = err
+			}
+		default:
+			dropped++
+		}
 	}
 	c.mu.Lock()
 	c.counters.Dropped += int64(dropped)
 	c.notifySpace()
 	c.mu.Unlock()
+	if saved > 0 {
+		c.logf("pfclient: closed with %d unacknowledged events written to the outbox", saved)
+	}
 	if crashErr != nil {
 		return crashErr
 	}
 	if dropped > 0 {
-		return fmt.Errorf("pfclient: closed with %d events unacknowledged (dropped)", dropped)
+		return fmt.Errorf("pfclient: closed with %d events unacknowledged and not saved (dropped)", dropped)
 	}
 	return nil
 }
@@ -438,6 +463,13 @@ func recoverTo(err *error) {
 	if r := recover(); r != nil {
 		*err = fmt.Errorf("pfclient: internal error (recovered): %v", r)
 	}
+}
+
+// isDown: not connected, and the last connection attempt failed.
+func (c *Client) isDown() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.down && !c.connected
 }
 
 // welcomeOutbox is the outbox the daemon named in its last welcome ("" if none).

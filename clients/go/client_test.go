@@ -343,8 +343,8 @@ func TestNoDaemonFailsOpenWithinBudget(t *testing.T) {
 		t.Fatalf("crash: %v", err)
 	}
 	checkOutboxFile(t, filepath.Join(c.opts.OutboxDir, id+".pfev"), id, "job-t", []byte{0, 1, 2})
-	if err := c.Flush(100 * time.Millisecond); !errors.Is(err, ErrTimeout) {
-		t.Fatalf("flush: %v", err)
+	if err := c.Flush(20 * time.Second); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("flush with the daemon down: %v", err)
 	}
 	if c.LastError() == nil || !errors.Is(c.LastError(), ErrUnavailable) {
 		t.Fatalf("last error %v", c.LastError())
@@ -353,8 +353,15 @@ func TestNoDaemonFailsOpenWithinBudget(t *testing.T) {
 	if elapsed := time.Since(start); elapsed > 10*time.Second {
 		t.Fatalf("calls took %v", elapsed)
 	}
-	if err := c.Close(); err == nil || !strings.Contains(err.Error(), "2 events") {
+	// Close: the two corpus events still queued go to the outbox (the stats were dropped).
+	if err := c.Close(); err != nil {
 		t.Fatalf("close: %v", err)
+	}
+	if files, _ := filepath.Glob(filepath.Join(c.opts.OutboxDir, "*.pfev")); len(files) != 3 {
+		t.Fatalf("outbox after close: %v", files)
+	}
+	if st := c.Stats(); st.Outboxed != 3 || st.Dropped != 4 {
+		t.Fatalf("%+v", st)
 	}
 	if err := c.Close(); !errors.Is(err, ErrClosed) {
 		t.Fatalf("second close: %v", err)
@@ -464,5 +471,58 @@ func TestDefaultOutboxDir(t *testing.T) {
 	t.Setenv("HOME", "/home/u")
 	if p := DefaultOutboxDir(); p != "/home/u/.local/share/pfcollector/outbox" {
 		t.Fatal(p)
+	}
+}
+
+func TestAHungDaemonStallsOneCrashOnly(t *testing.T) {
+	outbox := filepath.Join(shortTempDir(t), "outbox")
+	d := newFakeDaemon(t, func(f *fakeConn) {
+		f.read()
+		f.welcome(map[string]any{"outbox": outbox})
+		for { // never acks an event: hung for events, but answers control requests
+			m := f.read()
+			if m == nil {
+				return
+			}
+			if m["t"] == "control" {
+				f.send(map[string]any{"t": "reply", "req": m["req"], "ok": true, "result": map[string]any{}})
+			}
+		}
+	})
+	c := testClient(t, d.path, Options{CrashTimeout: 300 * time.Millisecond})
+	waitFor(t, "the welcome", c.Connected)
+	crash := Event{Fields: map[string]any{"type": "SEGV", "input": []byte("x")}}
+	_, err := c.Crash(crash)
+	if !errors.Is(err, ErrOutboxed) || !errors.Is(err, ErrTimeout) {
+		t.Fatalf("first crash: %v", err)
+	}
+	_, err = c.Crash(crash)
+	if !errors.Is(err, ErrOutboxed) || !errors.Is(err, errHung) {
+		t.Fatalf("second crash should not wait for a hung daemon: %v", err)
+	}
+	if _, err := c.Status(5 * time.Second); err != nil { // it answers again
+		t.Fatal(err)
+	}
+	_, err = c.Crash(crash)
+	if !errors.Is(err, ErrOutboxed) || !errors.Is(err, ErrTimeout) {
+		t.Fatalf("after an answer a crash waits again: %v", err)
+	}
+}
+
+func TestADaemonWithoutOutboxKeepsTheCrashQueued(t *testing.T) {
+	d := newFakeDaemon(t, func(f *fakeConn) {
+		f.read()
+		f.welcome(nil) // an older daemon, or one with the outbox disabled
+		for f.read() != nil {
+		}
+	})
+	c := testClient(t, d.path, Options{CrashTimeout: 200 * time.Millisecond})
+	waitFor(t, "the welcome", c.Connected)
+	_, err := c.Crash(Event{Fields: map[string]any{"type": "SEGV", "input": []byte("x")}})
+	if !errors.Is(err, ErrNoOutbox) || c.Pending() != 1 {
+		t.Fatalf("%v, pending %d", err, c.Pending())
+	}
+	if files, _ := filepath.Glob(filepath.Join(c.opts.OutboxDir, "*")); len(files) != 0 {
+		t.Fatalf("nothing for an outbox the daemon does not read: %v", files)
 	}
 }

@@ -169,9 +169,9 @@ func (c *Collector) count(n *int64) {
 	c.mu.Unlock()
 }
 
-// Stop waits up to StopTimeout for every outstanding event to be acknowledged, then closes
-// the connection: crashes still unacknowledged go to the outbox, and an error counts any
-// other event that was not delivered. Stopping twice, or before Start, is an error.
+// Stop waits up to StopTimeout for every outstanding event to be acknowledged (not at all
+// while the daemon is down), then closes the connection: crashes, corpus and lifecycle events
+// still unacknowledged go to the outbox, and an error counts stats/coverage not delivered. Stopping twice, or before Start, is an error.
 func (c *Collector) Stop() (err error) {
 	defer recoverTo(&err)
 	c.mu.Lock()

@@ -246,6 +246,7 @@ func (c *Client) handle(t string, msg map[string]any, gen uint64, welcome chan<-
 	if gen != c.gen {
 		return
 	}
+	c.hung = false // it answers
 	switch t {
 	case "welcome":
 		if mf, ok := asInt(msg["max_frame"]); ok && mf > 0 {

@@ -25,6 +25,10 @@ var (
 	ErrNoOutbox = errors.New("pfclient: the daemon has no outbox; crash kept in memory only")
 )
 
+// errHung is the cause recorded for a crash sent to the outbox without waiting because the
+// daemon, though connected, did not acknowledge the previous crash in time.
+var errHung = errors.New("pfclient: the daemon did not acknowledge the previous crash in time")
+
 // RejectedError is the daemon's refusal of one event (an `error` message naming its seq),
 // or of the hello.
 type RejectedError struct {

@@ -114,7 +114,9 @@ func (c *Client) enqueue(ev Event, budget time.Duration) (*pending, error) {
 			continue
 		}
 		if c.down && !c.connected {
-			c.counters.Dropped++
+			if p.kind != "crash" { // Crash saves it in the outbox
+				c.counters.Dropped++
+			}
 			c.mu.Unlock()
 			return nil, fmt.Errorf("%w (%v)", ErrQueueFull, c.lastErr)
 		}
@@ -123,7 +125,9 @@ func (c *Client) enqueue(ev Event, budget time.Duration) (*pending, error) {
 		left := time.Until(deadline)
 		if left <= 0 {
 			c.mu.Lock()
-			c.counters.Dropped++
+			if p.kind != "crash" { // Crash saves it in the outbox
+				c.counters.Dropped++
+			}
 			c.mu.Unlock()
 			return nil, ErrQueueFull
 		}
@@ -165,7 +169,7 @@ func (c *Client) waitFor(p *pending, left time.Duration) error {
 	}
 }
 
-// outbox writes crash p to the outbox. queued: p may still be in the queue (it is taken
+// outbox writes event p (a crash; at Close also corpus and lifecycle events) to the outbox. queued: p may still be in the queue (it is taken
 // out first, unless it was acknowledged meanwhile).
 func (c *Client) outbox(p *pending, cause error, queued bool) error {
 	c.mu.Lock()
@@ -205,15 +209,17 @@ func (c *Client) outbox(p *pending, cause error, queued bool) error {
 	path, err := writeOutboxFrames(dir, p.id, c.helloFrame(jobID), p.frame(1))
 	if err != nil {
 		c.finish(p, err)
-		c.logf("crash %s lost: the daemon did not take it (%v) and the outbox failed: %v", p.id, cause, err)
-		return fmt.Errorf("pfclient: crash %s not saved: daemon: %v; outbox: %w", p.id, cause, err)
+		c.logf("%s %s lost: the daemon did not take it (%v) and the outbox failed: %v", p.kind, p.id, cause, err)
+		return fmt.Errorf("pfclient: %s %s not saved: daemon: %v; outbox: %w", p.kind, p.id, cause, err)
 	}
 	c.mu.Lock()
 	c.counters.Outboxed++
 	c.mu.Unlock()
 	out := &OutboxedError{ID: p.id, Path: path, Cause: cause}
 	c.finish(p, out)
-	c.logf("%v", out)
+	if p.kind == "crash" {
+		c.logf("%v", out)
+	}
 	return out
 }
 
