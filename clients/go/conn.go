@@ -14,11 +14,9 @@ import (
 	"time"
 )
 
-// -- the connection ------------------------------------------------------------------------
-
-// run keeps the connection: dial, handshake, write; after a failure, back off (100 ms
-// doubling to 5 s); after a good session that ended, reconnect only when there is
-// something to send.
+// run keeps the connection: dial, handshake, write; after a failure (or a connection that
+// broke within a second of its welcome), back off (100 ms doubling to 5 s); after a good
+// session that ended, reconnect at once, but only when there is something to send.
 func (c *Client) run() {
 	defer close(c.done)
 	backoff := backoffMin
@@ -37,6 +35,7 @@ func (c *Client) run() {
 			}
 		}
 		first = false
+		began := time.Now()
 		welcomed, err := c.session()
 		select {
 		case <-c.stop:
@@ -61,9 +60,9 @@ func (c *Client) run() {
 		c.waiting = map[int64]*control{}
 		c.controls = nil
 		c.mu.Unlock()
-		if welcomed {
+		if welcomed && time.Since(began) >= time.Second {
 			backoff = backoffMin
-			continue
+			continue // it worked for a while: reconnect at once
 		}
 		t := time.NewTimer(backoff)
 		select {
