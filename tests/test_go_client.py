@@ -96,6 +96,7 @@ def test_go_test_against_a_live_daemon(go_env: dict[str, str]) -> None:
         "TestHandleEventFrom16Goroutines",
         "TestKill9OfTheDaemonLosesNoCrash",
         "TestCrashGoesToTheOutboxWhileTheDaemonIsDown",
+        "TestAHungDaemonCostsOneCrashTimeoutAndLosesNothing",
     ):
         assert f"--- PASS: {name}" in out, out
 
