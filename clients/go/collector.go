@@ -128,13 +128,14 @@ func (c *Collector) HandleEvent(ev FuzzerEvent) (err error) {
 	case errors.Is(merr, errUnknownType):
 		c.mu.Lock()
 		c.unknownN++
-		name := ev.Type
+		typ := truncateChars(ev.Type, 64)
+		name := typ
 		if _, ok := c.unknown[name]; !ok && len(c.unknown) >= maxUnknownTypes {
 			name = "(other)"
 		}
 		c.unknown[name]++
 		c.mu.Unlock()
-		return fmt.Errorf("pfclient: unknown event type %q: counted, not sent", ev.Type)
+		return fmt.Errorf("pfclient: unknown event type %q: counted, not sent", typ)
 	case errors.Is(merr, errProgress):
 		c.count(&c.progress)
 		return nil

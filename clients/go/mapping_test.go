@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"math"
 	"math/rand"
 	"reflect"
@@ -230,5 +231,31 @@ func TestTheBotsChangedLinesCompileAndWork(t *testing.T) {
 	}
 	if err := resultCollector.Stop(); err == nil {
 		t.Fatal("Stop before Start should say so")
+	}
+}
+
+func TestUnknownTypesAreCountedWithinABound(t *testing.T) {
+	c, err := NewCollector(CollectorOptions{SocketPath: "/nonexistent-dir/pf.sock", Logf: quietLog, StatusTimeout: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 100; i++ {
+		typ := fmt.Sprintf("kind-%d-%s", i, strings.Repeat("x", i)) // up to 110 bytes
+		if err := c.HandleEvent(FuzzerEvent{Type: typ}); err == nil || !strings.Contains(err.Error(), "unknown event type") {
+			t.Fatalf("%s: %v", typ, err)
+		}
+	}
+	s := c.GetStats()
+	types := s["unknown_event_types"].(map[string]int64)
+	if s["unknown_events"] != int64(100) || len(types) != maxUnknownTypes+1 || types["(other)"] != 100-maxUnknownTypes {
+		t.Fatalf("%v %v", s["unknown_events"], types)
+	}
+	for name := range types {
+		if len(name) > 64 {
+			t.Fatalf("name of %d bytes kept", len(name))
+		}
+	}
+	if s["daemon_error"] == "" || s["crash_batch_size"] != int64(0) {
+		t.Fatalf("GetStats without a daemon: %v", s)
 	}
 }
