@@ -6,7 +6,7 @@ Rules of this module:
   ``GOCACHE``/``GOPATH`` in a temporary directory, so nothing is downloaded and the user's
   caches are untouched. The module uses the standard library only.
 * The Go tests start ``pfcollector serve`` and ``pfcollector dev-master`` themselves
-  (``PFCOLLECTOR_BIN`` points at this venv's ``pfcollector``), so they are real end-to-end
+  (``PFCLIENT_TEST_PFCOLLECTOR`` points at this venv's ``pfcollector``), so they are real end-to-end
   tests; here we also check that none of them skipped.
 * Without ``go`` every test here is skipped with the reason (``apt-get install golang-go``);
   CI installs it. ``-race`` needs cgo and a C compiler; without them that test says so.
@@ -57,7 +57,7 @@ def go_env() -> Iterator[dict[str, str]]:
         "GOCACHE": str(tmp / "cache"),
         "GOPATH": str(tmp / "gopath"),
         "GOTMPDIR": "",
-        "PFCOLLECTOR_BIN": str(bindir / "pfcollector"),
+        "PFCLIENT_TEST_PFCOLLECTOR": str(bindir / "pfcollector"),
         "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     for var in ("PFCOLLECTOR_SOCKET", "PFCOLLECTOR_OUTBOX", "PFCOLLECTOR_DATA_DIR"):

@@ -290,18 +290,29 @@ func TestKill9OfTheDaemonLosesNoCrash(t *testing.T) {
 	if err := c.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, fmt.Sprintf("all %d crashes at the master", total), func() bool {
+	missing := func() []string {
 		got := map[string]bool{}
 		for _, r := range m.jobRows(t, "crash", job) {
 			got[r["id"].(string)] = true
 		}
+		var out []string
 		for id := range want {
 			if !got[id] {
-				return false
+				out = append(out, id)
 			}
 		}
-		return true
-	})
+		return out
+	}
+	deadline := time.Now().Add(liveWait)
+	for len(missing()) > 0 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if lost := missing(); len(lost) > 0 {
+		files, _ := filepath.Glob(filepath.Join(d.dataDir, "outbox", "*"))
+		rejected, _ := filepath.Glob(filepath.Join(d.dataDir, "outbox", "rejected", "*"))
+		t.Fatalf("%d of %d crashes not at the master: %v; outbox %v, rejected %v; client %+v",
+			len(lost), total, lost, files, rejected, c.Client().Stats())
+	}
 	// Crashes sent while the daemon was down went to the outbox at once (no stall for
 	// the bot) and were imported: either way, none is lost.
 	t.Logf("crashes through the outbox: %v", c.GetStats()["crashes_outboxed"])
