@@ -8,6 +8,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -50,9 +51,21 @@ func crashEvent(job, name string, input []byte) FuzzerEvent {
 			ID: name, JobID: job, BotID: "bot-1", Hash: hex.EncodeToString(sum[:]),
 			FilePath: "crashes/" + name, Type: "segfault", Signal: 11, ExitCode: -11,
 			Timestamp: crashTime, Size: int64(len(input)), IsUnique: true, Input: input,
-			Output: "==1==ERROR: AddressSanitizer: SEGV", StackTrace: "#0 0x4005 in parse fuzz.c:12",
+			// Not a sanitizer report: the daemon keys it by its input and passes the type
+			// through (a sanitizer report would be bucketed by bug, see docs/pipeline.md).
+			Output: "segfault in parse_record", StackTrace: "parse_record at parser.c:12",
 		},
 	}}
+}
+
+// requireOutbox skips a test that needs the daemon's outbox importer when the daemon's
+// welcome names no outbox (a daemon from before the importer).
+func requireOutbox(t *testing.T, c *Collector) {
+	t.Helper()
+	waitFor(t, "the welcome", c.Client().Connected)
+	if c.Client().welcomeOutbox() == "" {
+		t.Skip("this pfcollector has no outbox importer (its welcome names no outbox)")
+	}
 }
 
 func newLiveCollector(t *testing.T, d *daemon, crashTimeout time.Duration) *Collector {
@@ -118,7 +131,7 @@ func TestEveryBotEventTypeReachesTheMaster(t *testing.T) {
 		crash["signal"] != float64(11) || crash["exit_code"] != float64(-11) {
 		t.Fatalf("crash row %v", crash)
 	}
-	if crash["output"] != "==1==ERROR: AddressSanitizer: SEGV" || crash["stack_trace"] != "#0 0x4005 in parse fuzz.c:12" {
+	if crash["output"] != "segfault in parse_record" || crash["stack_trace"] != "parse_record at parser.c:12" {
 		t.Fatalf("crash text %v", crash)
 	}
 	if crash["bot_id"] != "go-bot" || !strings.HasPrefix(crash["id"].(string), "crash-") {
@@ -267,7 +280,8 @@ func TestKill9OfTheDaemonLosesNoCrash(t *testing.T) {
 				wantMu.Lock()
 				want[mapped.ID] = true
 				wantMu.Unlock()
-				if err := c.HandleEvent(ev); err != nil {
+				// ErrNoOutbox (a daemon without the outbox importer): kept in memory, resent.
+				if err := c.HandleEvent(ev); err != nil && !errors.Is(err, ErrNoOutbox) {
 					errs <- fmt.Errorf("crash %d/%d: %w", w, i, err)
 					return
 				}
@@ -331,7 +345,7 @@ func TestCrashGoesToTheOutboxWhileTheDaemonIsDown(t *testing.T) {
 	if err := c.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the welcome", c.Client().Connected)
+	requireOutbox(t, c)
 	if got := c.Client().welcomeOutbox(); got != outbox {
 		t.Fatalf("welcome outbox %q, want %q", got, outbox)
 	}
@@ -401,6 +415,7 @@ func TestAHungDaemonCostsOneCrashTimeoutAndLosesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	job := "job-hung"
+	requireOutbox(t, c)
 	if err := c.HandleEvent(crashEvent(job, "id:000000", []byte("before the stop"))); err != nil {
 		t.Fatal(err)
 	}
