@@ -6,8 +6,9 @@ Rules of this module:
   ``GOCACHE``/``GOPATH`` in a temporary directory, so nothing is downloaded and the user's
   caches are untouched. The module uses the standard library only.
 * The Go tests start ``pfcollector serve`` and ``pfcollector dev-master`` themselves
-  (``PFCLIENT_TEST_PFCOLLECTOR`` points at this venv's ``pfcollector``), so they are real end-to-end
-  tests; here we also check that none of them skipped.
+  (``PFCLIENT_TEST_PFCOLLECTOR`` points at this venv's ``pfcollector``), so they are real
+  end-to-end tests; here we also check that none of them skipped (but the two that need the
+  outbox importer, when this pfcollector has none).
 * Without ``go`` every test here is skipped with the reason (``apt-get install golang-go``);
   CI installs it. ``-race`` needs cgo and a C compiler; without them that test says so.
 * The example runs against a live daemon subprocess delivering to an in-process
