@@ -112,12 +112,12 @@ def _setting_flags(
         bool | None,
         _flag("--register/--no-register", help="Register with the master for a bot id"),
     ] = None,
-    token: Annotated[
-        str | None,
+    token_file: Annotated[
+        Path | None,
         _flag(
-            "--token",
-            help="Bearer token for a master behind a proxy (prefer $PFCOLLECTOR_TOKEN or "
-            "the file: flags show in ps)",
+            "--token-file",
+            help="File holding the bearer token for a master behind a proxy "
+            "[$PFCOLLECTOR_TOKEN_FILE; or $PFCOLLECTOR_TOKEN]",
         ),
     ] = None,
     delivery_mode: Annotated[

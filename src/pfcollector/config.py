@@ -32,6 +32,18 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from .bugs import dedupe_mode
+from .configvalues import (
+    ConfigError,
+    at_least,
+    from_env,
+    id_list,
+    one_of,
+    parse_host_port,
+    suggest,
+    typed,
+)
+from .credentials import check_token, read_token_file, remember_url_secrets
+from .redact import MASK, redact_url
 
 __all__ = [
     "CONFIG_ENV",
@@ -47,6 +59,7 @@ __all__ = [
     "default_socket_path",
     "env_name",
     "load",
+    "parse_host_port",
     "read_file",
     "runtime_changes",
 ]
@@ -65,16 +78,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("kv", "json")
 COMPRESSIONS = ("none", "gzip", "zstd")
 _ENV_OVERRIDES = {"socket_path": "PFCOLLECTOR_SOCKET"}
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-class ConfigError(ValueError):
-    """A setting has a value it cannot take. The message names the key and what is allowed."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
@@ -120,6 +123,8 @@ class Config:
     bot_id: str | None = None
     register: bool = False
     token: str | None = None
+    #: A file holding the token (a mounted secret); read at start. Not with ``token``.
+    token_file: Path | None = None
     delivery_mode: Literal["batch", "item"] = "batch"
     batch_size: int = 100
     batch_bytes: int = 512 * 1024
@@ -152,15 +157,20 @@ class Config:
     allow_uids: str | None = None
     allow_gids: str | None = None
     socket_group: str | None = None
+    #: Uids allowed the control ops (tune, flush, dead letters, full status) besides the
+    #: daemon's own uid and root (docs/security.md).
+    admin_uids: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "socket_path", Path(self.socket_path))
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.master_url is not None:
+            remember_url_secrets(self.master_url)
             parts = urlsplit(self.master_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ConfigError(
-                    "master_url", f"must be an http:// or https:// URL, got {self.master_url!r}"
+                    "master_url",
+                    f"must be an http:// or https:// URL, got {redact_url(self.master_url)!r}",
                 )
             object.__setattr__(self, "master_url", self.master_url.rstrip("/"))
             if not self.bot_id and not self.register:
@@ -169,52 +179,72 @@ class Config:
                 )
         if self.bot_id is not None and not self.bot_id.strip():
             raise ConfigError("bot_id", "must not be empty")
-        _one_of("delivery_mode", self.delivery_mode, ("batch", "item"))
+        self._load_token()
+        one_of("delivery_mode", self.delivery_mode, ("batch", "item"))
         try:  # "bug", "input", "off"; true/false (and env's yes/no...) as bug/off (bugs.py)
             object.__setattr__(self, "crash_dedupe", dedupe_mode(self.crash_dedupe))
         except ValueError as exc:
             raise ConfigError("crash_dedupe", str(exc)) from None
-        _at_least("batch_size", self.batch_size, 1, 10_000)
-        _at_least("batch_bytes", self.batch_bytes, 1024, 1024 * 1024 - 4096)
-        _at_least("flush_interval", self.flush_interval, MIN_FLUSH_INTERVAL, 3600.0)
-        _at_least("max_frame", self.max_frame, 1024, 64 * 1024 * 1024)
-        _at_least("max_connections", self.max_connections, 1, 65_536)
-        _at_least("spool_max_bytes", self.spool_max_bytes, 1024 * 1024, 2**50)
-        _at_least("drain_deadline", self.drain_deadline, 0.0, 3600.0)
-        _at_least("retry_attempts", self.retry_attempts, 1, 100)
-        _at_least("retry_base", self.retry_base, 0.001, 60.0)
-        _at_least("retry_cap", self.retry_cap, self.retry_base, 3600.0)
-        _at_least("breaker_threshold", self.breaker_threshold, 1, 1000)
-        _at_least("breaker_reset", self.breaker_reset, 0.01, 3600.0)
-        _at_least("breaker_max_reset", self.breaker_max_reset, self.breaker_reset, 86_400.0)
-        _at_least("http_timeout", self.http_timeout, 0.1, 600.0)
-        _at_least("heartbeat_interval", self.heartbeat_interval, 1.0, 3600.0)
-        _at_least("senders", self.senders, 1, 64)
+        at_least("batch_size", self.batch_size, 1, 10_000)
+        at_least("batch_bytes", self.batch_bytes, 1024, 1024 * 1024 - 4096)
+        at_least("flush_interval", self.flush_interval, MIN_FLUSH_INTERVAL, 3600.0)
+        at_least("max_frame", self.max_frame, 1024, 64 * 1024 * 1024)
+        at_least("max_connections", self.max_connections, 1, 65_536)
+        at_least("spool_max_bytes", self.spool_max_bytes, 1024 * 1024, 2**50)
+        at_least("drain_deadline", self.drain_deadline, 0.0, 3600.0)
+        at_least("retry_attempts", self.retry_attempts, 1, 100)
+        at_least("retry_base", self.retry_base, 0.001, 60.0)
+        at_least("retry_cap", self.retry_cap, self.retry_base, 3600.0)
+        at_least("breaker_threshold", self.breaker_threshold, 1, 1000)
+        at_least("breaker_reset", self.breaker_reset, 0.01, 3600.0)
+        at_least("breaker_max_reset", self.breaker_max_reset, self.breaker_reset, 86_400.0)
+        at_least("http_timeout", self.http_timeout, 0.1, 600.0)
+        at_least("heartbeat_interval", self.heartbeat_interval, 1.0, 3600.0)
+        at_least("senders", self.senders, 1, 64)
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(
                 "socket_mode", f"must be a permission mode like 0o660, got {self.socket_mode:o}"
             )
-        _one_of("log_level", self.log_level, LOG_LEVELS)
-        _one_of("log_format", self.log_format, LOG_FORMATS)
+        one_of("log_level", self.log_level, LOG_LEVELS)
+        one_of("log_format", self.log_format, LOG_FORMATS)
         if self.metrics_addr is not None:
             parse_host_port(self.metrics_addr)
-        _one_of("compression", self.compression, COMPRESSIONS)
+        one_of("compression", self.compression, COMPRESSIONS)
         if self.compression == "zstd" and importlib.util.find_spec("zstandard") is None:
             raise ConfigError(
                 "compression",
                 "zstd needs the zstandard package (pip install zstandard); "
                 "allowed here: 'gzip', 'none'",
             )
-        _at_least("compression_threshold", self.compression_threshold, 0, 64 * 1024 * 1024)
-        _at_least("idle_timeout", self.idle_timeout, 0.0, 7 * 86_400.0)
-        _at_least("slow_sender_timeout", self.slow_sender_timeout, 0.0, 3600.0)
-        _at_least("rate_limit", self.rate_limit, 0.0, 1e9)
-        self.allowed_uids, self.allowed_gids, self.socket_gid  # noqa: B018  (validate now)
+        at_least("compression_threshold", self.compression_threshold, 0, 64 * 1024 * 1024)
+        at_least("idle_timeout", self.idle_timeout, 0.0, 7 * 86_400.0)
+        at_least("slow_sender_timeout", self.slow_sender_timeout, 0.0, 3600.0)
+        at_least("rate_limit", self.rate_limit, 0.0, 1e9)
+        self.allowed_uids, self.allowed_gids, self.socket_gid, self.admins  # noqa: B018
+
+    def _load_token(self) -> None:
+        """Strip and check the token; read it from ``token_file`` when that is set instead."""
+        if self.token_file is not None:
+            object.__setattr__(self, "token_file", Path(self.token_file))
+        key, token = "token", self.token
+        try:
+            if token is None and self.token_file is not None:
+                key, token = "token_file", read_token_file(self.token_file)
+            elif token is not None:
+                token = check_token(token)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+        object.__setattr__(self, "token", token)
 
     @property
     def allowed_uids(self) -> frozenset[int] | None:
         """Peer uids allowed to connect (``allow_uids``), or None for any."""
-        return _id_list("allow_uids", self.allow_uids)
+        return id_list("allow_uids", self.allow_uids)
+
+    @property
+    def admins(self) -> frozenset[int]:
+        """Uids given the control ops by ``admin_uids`` (the daemon's uid and root always are)."""
+        return id_list("admin_uids", self.admin_uids) or frozenset()
 
     @property
     def socket_gid(self) -> int | None:
@@ -231,7 +261,7 @@ class Config:
     @property
     def allowed_gids(self) -> frozenset[int] | None:
         """Peer gids allowed to connect (``allow_gids``), or None for any."""
-        return _id_list("allow_gids", self.allow_gids)
+        return id_list("allow_gids", self.allow_gids)
 
     @property
     def local_mode(self) -> bool:
@@ -256,45 +286,13 @@ class Config:
             if isinstance(value, Path):
                 value = str(value)
             if f.name == "token" and value:
-                value = "***"
+                value = MASK
             out[f.name] = value
+        if self.master_url is not None:
+            out["master_url"] = redact_url(self.master_url)
         out["socket_mode"] = f"0o{self.socket_mode:o}"
         out["mode"] = "local" if self.local_mode else "master"
         return out
-
-
-def parse_host_port(addr: str, key: str = "metrics_addr") -> tuple[str, int]:
-    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` as ``(host, port)``; else :class:`ConfigError`."""
-    host, sep, port = addr.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65_535:
-        raise ConfigError(key, f"must be HOST:PORT such as 127.0.0.1:9464, got {addr!r}")
-    return host, int(port)
-
-
-def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        choices = ", ".join(repr(a) for a in allowed)
-        raise ConfigError(key, f"must be one of {choices}, got {value!r}")
-
-
-def _id_list(key: str, text: str | None) -> frozenset[int] | None:
-    if text is None or not text.strip():
-        return None
-    try:
-        ids = frozenset(int(part) for part in text.replace(",", " ").split())
-    except ValueError:
-        raise ConfigError(key, f"must be numeric ids separated by commas, got {text!r}") from None
-    if any(i < 0 for i in ids):
-        raise ConfigError(key, f"ids must not be negative, got {text!r}")
-    return ids
-
-
-def _at_least(key: str, value: float, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(key, f"must be a number, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(key, f"must be between {low} and {high}, got {value}")
 
 
 # -- loading: defaults < file < environment < flags ------------------------------------------
@@ -379,20 +377,37 @@ def load(
             hint = f"; did you mean {close[0]}?" if close else ""
             warnings.append(f"{name} is not a setting, ignored{hint}")
             continue
-        values[key] = _from_env(key, name, raw)
+        values[key] = from_env(key, name, raw, _HINTS[key])
         sources[key] = f"env {name}"
     for key, value in (flags or {}).items():
         if key not in _HINTS:
-            raise ConfigError(key, f"unknown setting{_suggest(key, KEYS)}")
+            raise ConfigError(key, f"unknown setting{suggest(key, KEYS)}")
         if value is not None:
             values[key] = value
             sources[key] = "flag"
+    _one_token_source(values, sources)
     try:
         config = Config(**values)
     except ConfigError as exc:
         where = sources.get(exc.key, "default")
         raise ConfigError(exc.key, f"{str(exc).partition(': ')[2]} (from {where})") from None
     return Loaded(config, sources, path, tuple(warnings))
+
+
+def _one_token_source(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """``token`` and ``token_file`` are one setting: the higher layer wins, one layer errs."""
+    if values.get("token") is None or values.get("token_file") is None:
+        return
+    rank = {"flag": 3, "env": 2, "file": 1}
+    token, path = (rank.get(sources[k].split()[0], 0) for k in ("token", "token_file"))
+    if token == path:
+        raise ConfigError(
+            "token_file",
+            f"set token or token_file, not both (token from {sources['token']}, "
+            f"token_file from {sources['token_file']})",
+        )
+    loser = "token_file" if token > path else "token"
+    values[loser], sources[loser] = None, "default"
 
 
 def read_file(path: Path) -> dict[str, Any]:
@@ -446,83 +461,10 @@ def _read_file(path: Path) -> tuple[dict[str, Any], list[ConfigError]]:
     errors: list[ConfigError] = []
     for key, value in data.items():
         if key not in _HINTS:
-            errors.append(ConfigError(key, f"unknown key in {path}{_suggest(key, KEYS)}"))
+            errors.append(ConfigError(key, f"unknown key in {path}{suggest(key, KEYS)}"))
             continue
         try:
-            values[key] = _typed(key, value)
+            values[key] = typed(key, value, _HINTS[key])
         except ConfigError as exc:
             errors.append(ConfigError(key, f"{str(exc).partition(': ')[2]} (in {path})"))
     return values, errors
-
-
-def _typed(key: str, value: Any) -> Any:
-    """Check a TOML value against the field's type."""
-    hint = _HINTS[key]
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is Literal:
-        _one_of(key, value, args)
-        return value
-    base = next((a for a in args if a is not type(None)), hint)
-    if key == "socket_mode" and isinstance(value, str):
-        return _octal(key, value)
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        Path: isinstance(value, str),
-    }.get(base, True)  # another type: Config's own validation has the last word
-    if not ok:
-        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(base, "a string")
-        raise ConfigError(key, f"must be {kind}, got {value!r}")
-    return float(value) if base is float else value
-
-
-def _from_env(key: str, name: str, raw: str) -> Any:
-    """Parse an environment variable's text as the field's type."""
-    hint = _HINTS[key]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint)
-    text = raw.strip()
-    try:
-        if optional and not text:
-            return None
-        if typing.get_origin(hint) is Literal:
-            _one_of(key, text, args)
-            return text
-        if key == "socket_mode":
-            return _octal(key, text)
-        if base is bool:
-            if text.lower() in _TRUE:
-                return True
-            if text.lower() in _FALSE:
-                return False
-            raise ConfigError(key, f"must be one of {', '.join(_TRUE + _FALSE)}, got {raw!r}")
-        if base is int:
-            try:
-                return int(text.replace("_", ""))
-            except ValueError:
-                raise ConfigError(key, f"must be an integer, got {raw!r}") from None
-        if base is float:
-            try:
-                return float(text)
-            except ValueError:
-                raise ConfigError(key, f"must be a number, got {raw!r}") from None
-        return Path(text) if base is Path else raw
-    except ConfigError as exc:
-        raise ConfigError(key, f"{str(exc).partition(': ')[2]} (from env {name})") from None
-
-
-def _octal(key: str, text: str) -> int:
-    try:
-        return int(text.lower().removeprefix("0o"), 8)
-    except ValueError:
-        raise ConfigError(key, f"must be an octal mode such as 0660, got {text!r}") from None
-
-
-def _suggest(name: str, known: typing.Iterable[str], what: str = "keys") -> str:
-    known = list(known)
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} (known {what}: {', '.join(known)})"

@@ -26,6 +26,7 @@ import httpx
 import trio
 
 from . import __version__
+from .access import Access, scoped_status
 from .bots import heartbeat_loop, register
 from .breaker import CircuitBreaker
 from .bugs import list_bugs, top_per_job, top_repeats
@@ -37,6 +38,7 @@ from .logs import set_level
 from .master import RegisterError
 from .metrics import serve_metrics
 from .pipeline import BATCH_QUEUE_SIZE, BatchPolicy, Pipeline
+from .redact import redact_tree
 from .sender import Batch, RetryPolicy, Sender, TransientError
 from .server import ConnectionInfo, Limits, Server
 from .spool import open_spool
@@ -66,6 +68,7 @@ class Daemon:
         self.committer = GroupCommitter(self.spool, self.inputs, crash_dedupe=config.crash_dedupe)
         self.input_writer = InputWriter(self.spool, self.inputs)
         self.committer.on_commit(self.input_writer.notify)
+        self.access = Access.of(config.admins)  # who may tune, flush, see everything
         self.policy = BatchPolicy(config.batch_size, config.batch_bytes, config.flush_interval)
         self.server = Server(
             config.socket_path,
@@ -259,12 +262,18 @@ class Daemon:
     # -- control -------------------------------------------------------------------------
 
     async def control(self, op: str, args: dict[str, Any], peer: ConnectionInfo) -> Any:
-        """Answer a control request from the socket (``pfcollector status`` and friends)."""
+        """Answer a control request from the socket (``pfcollector status`` and friends).
+
+        Admin ops and the full status need an admin peer (:mod:`pfcollector.access`).
+        """
+        admin = self.access.check(op, peer)  # logs; NotPermitted for a non-admin's admin op
         if op == "status":
-            return await self.status()
+            full = await self.status()
+            return full if admin else scoped_status(full, peer.uid)
         if op == "dead_letters":
             limit = int(args.get("limit", 100))
-            return await trio.to_thread.run_sync(self.spool.dead_letters, limit)
+            rows = await trio.to_thread.run_sync(self.spool.dead_letters, limit)
+            return redact_tree(rows)  # kept before a secret was known to be one, too
         if op == "dead_letters_retry":
             ids = args.get("ids")
             count = await trio.to_thread.run_sync(self.spool.retry_dead_letters, ids)
@@ -343,6 +352,7 @@ class Daemon:
         queue = self.ingest_send.statistics()
         out: dict[str, Any] = {
             "version": __version__,
+            "scope": "full",
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "mode": "local" if self.config.local_mode else "master",
@@ -384,7 +394,7 @@ class Daemon:
                 "sender": self.sender.stats.snapshot(),
                 "pipeline": self.pipeline.status(),
             }
-        return out
+        return redact_tree(out)  # type: ignore[no-any-return]
 
 
 async def run_daemon(

@@ -2,7 +2,9 @@
 
 Both formats carry ``ts``, ``level``, ``logger`` and ``msg``, then whatever the call passed in
 ``extra={...}`` (``log.warning("spool near full", extra={"used_pct": 91})``), then ``exc`` for a
-traceback. Values with spaces, quotes or ``=`` are quoted in the ``key=value`` format.
+traceback. Values with spaces, quotes or ``=`` are quoted in the ``key=value`` format. Every
+line goes through :func:`pfcollector.redact.redact`: no credential is logged, whoever wrote the
+text it is in.
 
 The daemon logs state changes, never single events, at INFO and above: a breaker opening or
 closing, a master coming back, a dead letter, a drain deadline. Per-event and per-attempt
@@ -15,6 +17,8 @@ import json
 import logging
 import sys
 from typing import Any, Final, TextIO
+
+from .redact import redact
 
 __all__ = ["JsonFormatter", "KeyValueFormatter", "set_level", "setup_logging"]
 
@@ -55,7 +59,7 @@ class KeyValueFormatter(_FieldsFormatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """One line per record."""
-        return " ".join(f"{k}={_kv_value(v)}" for k, v in self.fields(record).items())
+        return redact(" ".join(f"{k}={_kv_value(v)}" for k, v in self.fields(record).items()))
 
 
 class JsonFormatter(_FieldsFormatter):
@@ -64,7 +68,7 @@ class JsonFormatter(_FieldsFormatter):
     def format(self, record: logging.LogRecord) -> str:
         """One line per record."""
         fields = self.fields(record)
-        return json.dumps(fields, default=str, separators=(",", ":"))
+        return redact(json.dumps(fields, default=str, separators=(",", ":")))
 
 
 def _kv_value(value: Any) -> str:

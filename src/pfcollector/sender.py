@@ -46,6 +46,7 @@ from .master import (
     encode_batches,
     item_request,
 )
+from .redact import redact
 from .transport import (
     COMPRESSIONS,
     DEFAULT_RETRY,
@@ -274,6 +275,10 @@ class Sender:
             else:
                 await self._send_batches(batch.kind, events, run)
         result = run.result
+        # What the master said is kept with dead letters and shown: never a credential in it.
+        result.poisoned = [(i, status, redact(text)) for i, status, text in result.poisoned]
+        if result.reason is not None:
+            result.reason = redact(result.reason)
         kind = batch.kind.value
         if result.poisoned:  # one line per delivery, however many items were refused
             _, status, text = result.poisoned[0]
@@ -449,6 +454,7 @@ class Sender:
         self._breaker_changed = trio.Event()
 
     def _record_failure(self, reason: str) -> None:
+        reason = redact(reason)  # shown by status, logged: never a credential the master echoed
         now = trio.current_time()
         self.stats.last_error = reason
         self.stats.last_error_wall = time.time()

@@ -15,6 +15,9 @@ import trio
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from .credentials import check_token
+from .redact import redact
+
 __all__ = [
     "COMPRESSIONS",
     "DEFAULT_RETRY",
@@ -68,9 +71,18 @@ def user_agent(bot_id: str | None) -> str:
 
 
 def request_headers(bot_id: str | None, token: str | None) -> dict[str, str]:
+    """The headers of every request to the master.
+
+    Raises:
+        ValueError: ``token`` cannot be a header (not an RFC 6750 token; the message does not
+            show it). Checked here, once, so that no request fails on it later.
+    """
     headers = {"Content-Type": "application/json", "User-Agent": user_agent(bot_id)}
     if token:
-        headers["Authorization"] = f"Bearer {token}"
+        try:
+            headers["Authorization"] = f"Bearer {check_token(token)}"
+        except ValueError as exc:
+            raise ValueError(f"token: {exc}") from None
     return headers
 
 
@@ -167,5 +179,6 @@ def retry_controller(
 
 
 def describe(exc: BaseException) -> str:
-    text = str(exc)
+    """``Type: message`` of an HTTP library's error, with any credential in it masked."""
+    text = redact(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
