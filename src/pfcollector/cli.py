@@ -15,6 +15,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from .bugview import register_bugs
 from .config import Config, ConfigError, Loaded, check_file, load
 from .control import DaemonUnreachable, request
 from .logs import setup_logging
+from .private import NotPrivate, check_private, serve_umask
 from .statusview import format_bytes, format_status, format_watch
 from .tools import register_tools
 
@@ -221,7 +223,16 @@ def _load(settings: dict[str, Any]) -> tuple[Loaded, Callable[[], Config]]:
 
 @app.command()
 @_with_setting_flags
-def serve(settings: dict[str, Any]) -> None:
+def serve(
+    settings: dict[str, Any],
+    fix_permissions: Annotated[
+        bool,
+        typer.Option(
+            "--fix-permissions",
+            help="Take other users' access away from the data directory instead of refusing",
+        ),
+    ] = False,
+) -> None:
     """Run the daemon (local mode unless a master is configured).
 
     SIGHUP re-reads the settings (batch_size, flush_interval and log_level change at once;
@@ -240,6 +251,14 @@ def serve(settings: dict[str, Any]) -> None:
     log.info("settings file: %s", loaded.file or "none")
     for warning in loaded.warnings:
         log.warning("%s", warning)
+    os.umask(serve_umask(config.socket_gid is not None))  # files private (docs/security.md)
+    try:
+        if fixed := check_private(config.data_dir, fix=fix_permissions):
+            log.warning("took other users' access away from %d entries under %s", fixed,
+                        config.data_dir)  # fmt: skip
+    except (NotPrivate, OSError) as exc:
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        raise typer.Exit(1) from None
     known = (AddressInUse, SpoolCorrupt, ActivationError, OSError)
     try:
         trio.run(_run_daemon, config, reload)

@@ -38,6 +38,7 @@ from .logs import set_level
 from .master import RegisterError
 from .metrics import serve_metrics
 from .pipeline import BATCH_QUEUE_SIZE, BatchPolicy, Pipeline
+from .private import create_private_file, make_private_dir
 from .redact import redact_tree
 from .sender import Batch, RetryPolicy, Sender, TransientError
 from .server import ConnectionInfo, Limits, Server
@@ -61,6 +62,9 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_at = time.time()
+        # Private whatever the umask: SQLite gives -wal and -shm the mode of spool.db.
+        make_private_dir(config.data_dir)
+        create_private_file(config.spool_path)
         self.spool = open_spool(config.spool_path, config.spool_max_bytes)
         self.inputs = InputStore(config.inputs_dir)
         self.inputs.clean()

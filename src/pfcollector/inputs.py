@@ -24,9 +24,12 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import secrets
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from .private import make_private_dir, open_private_file
 
 __all__ = ["FSYNC_THREADS", "InputStore"]
 
@@ -39,7 +42,7 @@ class InputStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).absolute()
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.root)  # 0750, files 0640: inputs are exploit material
 
     def path_for(self, sha256: str) -> Path:
         """Where the input with this hash lives (whether or not it exists yet)."""
@@ -67,10 +70,11 @@ class InputStore:
                 final = self.path_for(sha256)
                 if final.exists():
                     continue
-                final.parent.mkdir(exist_ok=True)
-                tmp = final.with_name(f"{sha256}.{os.getpid()}.tmp")
+                make_private_dir(final.parent)
+                tmp = final.with_name(f"{sha256}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+                fd = open_private_file(tmp)
                 temps.append(tmp)
-                with open(tmp, "wb") as f:
+                with open(fd, "wb") as f:
                     f.write(data)
                 written.append(tmp)
             if not written:

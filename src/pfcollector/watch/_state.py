@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..private import make_private_dir
+
 __all__ = ["STATE_VERSION", "StateError", "StateFile", "default_state_path"]
 
 STATE_VERSION = 1
@@ -64,7 +66,7 @@ class StateFile:
 
     def save(self) -> None:
         """Write ``data`` atomically (temporary file, fsync, rename, fsync of the directory)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.path.parent)  # 0750; mkstemp makes the file 0600
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
