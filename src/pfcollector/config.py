@@ -229,7 +229,8 @@ class Config:
         key, token = "token", self.token
         try:
             if token is None and self.token_file is not None:
-                key, token = "token_file", read_token_file(self.token_file)
+                key = "token_file"
+                token = read_token_file(self.token_file)
             elif token is not None:
                 token = check_token(token)
         except ValueError as exc:

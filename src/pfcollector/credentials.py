@@ -10,6 +10,7 @@ setting and never the value. Every secret found is handed to :func:`pfcollector.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import stat
@@ -83,7 +84,9 @@ def remember_url_secrets(url: str) -> None:
         return
     userinfo = parts.netloc.rpartition("@")[0]
     user, _, password = userinfo.partition(":")
-    remember(userinfo, unquote(userinfo), password, unquote(password))
+    # httpx sends them as Basic auth: the base64 form is as secret as the password.
+    basic = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    remember(userinfo, unquote(userinfo), password, unquote(password), basic)
     if password:
         return
     remember(user)  # http://TOKEN@host: the user is the secret
