@@ -31,7 +31,7 @@ from .config import Config, ConfigError, Loaded, check_file, load
 from .control import DaemonUnreachable, request
 from .logs import setup_logging
 from .private import NotPrivate, check_private, serve_umask
-from .statusview import format_bytes, format_status, format_watch
+from .statusview import format_bytes, format_status, format_watch, printable, printable_tree
 from .tools import register_tools
 
 __all__ = ["app", "main"]
@@ -71,7 +71,7 @@ def _ask(socket_path: Path | None, op: str, args: dict[str, Any] | None = None) 
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except RuntimeError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {printable(str(exc))}", err=True)
         raise typer.Exit(1) from None
 
 
@@ -434,7 +434,7 @@ def dead_letters_list(
         return
     if not rows:
         typer.echo("no dead letters")
-    for row in rows:
+    for row in printable_tree(rows):  # the error is the master's text: no terminal escapes
         typer.echo(
             f"{row['id']}  {row['kind']:<8} job={row['job_id']}  "
             f"status={row['status']}  {row['error'][:120]}"

@@ -1,21 +1,52 @@
 """The human views of a status reply: ``pfcollector status`` and ``status --watch``.
 
 Plain functions of the ``status --json`` document (docs/status.md), so they are tested without
-a daemon.
+a daemon. Every text in the document may come from outside (the master's error text, a
+client's job and fuzzer names): :func:`printable` escapes what a terminal would act on before
+anything is shown (``--json`` is safe as it is: JSON escapes every control character and, with
+ASCII output, every non-ASCII one).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 from .bugview import format_bugs
 
-__all__ = ["format_bytes", "format_status", "format_watch"]
+__all__ = ["format_bytes", "format_status", "format_watch", "printable", "printable_tree"]
+
+# C0 (tab and newline too: one field, one line), DEL, C1, and the bidirectional controls
+# that reorder what a terminal shows (U+061C, U+200E/F, U+202A-E, U+2066-9).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on written as an escape: ``\\x1b``,
+    ``\\x9b``, ``\\u202e``."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable_tree(value: Any) -> Any:
+    """A copy of a JSON-like document with :func:`printable` applied to every string."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {k: printable_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [printable_tree(v) for v in value]
+    return value
 
 
 def format_status(s: dict[str, Any]) -> str:
     """The human view of a status reply: a few readable tables."""
+    s = printable_tree(s)
     cfg, conns, spool = s["config"], s["connections"], s["spool"]
     where = "local mode (no master)" if s["mode"] == "local" else f"master {cfg['master_url']}"
     lines = [
@@ -46,7 +77,7 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"last success: {_when(snd['last_success']['wall'])}")
         err = snd["last_error"]
         lines.append(f"last error:   {_when(err['wall'])}  {err['text'] or ''}".rstrip())
-    top_bugs = s.get("policies", {}).get("crash", {}).get("top_bugs")
+    top_bugs = (s.get("policies") or {}).get("crash", {}).get("top_bugs")  # none: scoped
     if top_bugs:  # the most hit bugs of each job (bugview.py)
         lines += ["", *format_bugs(top_bugs)]
     if conns["live"]:
@@ -83,6 +114,8 @@ def format_watch(
 
     Rates are counter deltas over the daemon's own uptime delta (blank on the first frame).
     """
+    cur = printable_tree(cur)
+    problem = printable(problem) if problem else problem
     dt = cur["uptime_s"] - prev["uptime_s"] if prev is not None else 0.0
     spool, conns = cur["spool"], cur["connections"]
     where = "local mode" if cur["mode"] == "local" else f"master {cur['config']['master_url']}"
