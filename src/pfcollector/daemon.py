@@ -398,7 +398,7 @@ class Daemon:
                 "sender": self.sender.stats.snapshot(),
                 "pipeline": self.pipeline.status(),
             }
-        return redact_tree(out)  # type: ignore[no-any-return]
+        return redact_tree(out)
 
 
 async def run_daemon(

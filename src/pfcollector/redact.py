@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
+
+_T = TypeVar("_T")
 
 __all__ = ["MASK", "forget_all", "redact", "redact_tree", "redact_url", "remember"]
 
@@ -76,15 +78,19 @@ def redact(text: str) -> str:
     return _USERINFO.sub(lambda m: m.group(1) + MASK + "@", text)
 
 
-def redact_tree(value: Any) -> Any:
+def redact_tree(value: _T) -> _T:
     """A copy of a JSON-like document (dicts, lists, strings) with :func:`redact` applied to
     every string in it: a reply leaving the daemon (``status``, ``dead_letters``)."""
+    return cast(_T, _redact_tree(value))
+
+
+def _redact_tree(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {k: redact_tree(v) for k, v in value.items()}
+        return {k: _redact_tree(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [redact_tree(v) for v in value]
+        return [_redact_tree(v) for v in value]
     return value
 
 

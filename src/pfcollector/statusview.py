@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import Any, TypeVar, cast
+
+_T = TypeVar("_T")
 
 from .bugview import format_bugs
 
@@ -33,14 +35,18 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def printable_tree(value: Any) -> Any:
+def printable_tree(value: _T) -> _T:
     """A copy of a JSON-like document with :func:`printable` applied to every string."""
+    return cast(_T, _printable_tree(value))
+
+
+def _printable_tree(value: Any) -> Any:
     if isinstance(value, str):
         return printable(value)
     if isinstance(value, dict):
-        return {k: printable_tree(v) for k, v in value.items()}
+        return {k: _printable_tree(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [printable_tree(v) for v in value]
+        return [_printable_tree(v) for v in value]
     return value
 
 
