@@ -232,6 +232,11 @@ def test_a_bad_token_file_is_refused_naming_the_file(tmp_path: Path) -> None:
         load({"token_file": tmp_path / "missing"}, env={})
 
 
+def test_the_token_is_not_in_the_configs_repr() -> None:
+    config = Config(token=TOKEN)
+    assert config.token == TOKEN and TOKEN not in repr(config)
+
+
 def test_token_and_token_file_are_one_setting(tmp_path: Path) -> None:
     secret_file = tmp_path / "token"
     secret_file.write_text("from-the-file\n")

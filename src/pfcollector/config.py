@@ -122,7 +122,7 @@ class Config:
     master_url: str | None = None
     bot_id: str | None = None
     register: bool = False
-    token: str | None = None
+    token: str | None = dataclasses.field(default=None, repr=False)  # never in a repr
     #: A file holding the token (a mounted secret); read at start. Not with ``token``.
     token_file: Path | None = None
     delivery_mode: Literal["batch", "item"] = "batch"
