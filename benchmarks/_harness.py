@@ -188,12 +188,12 @@ def start_daemon(
     """Start a daemon on data directory ``root/name`` (fresh unless ``reuse``); return once it
     answers ``status``."""
     data = root / name
-    data.mkdir(parents=True, exist_ok=reuse)
+    data.mkdir(parents=True, exist_ok=reuse, mode=0o750)  # serve refuses a dir open to others
     sock = data / "pf.sock"
     log = data / f"daemon-{time.monotonic_ns()}.log"
     cmd = [PY, "-m", "pfcollector", "serve", "--socket", str(sock), "--data-dir", str(data),
            "--log-level", "warning", *(extra or [])]  # fmt: skip
-    with open(log, "wb") as logf:
+    with open(log, "wb", opener=lambda path, flags: os.open(path, flags, 0o640)) as logf:
         proc = _spawn(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                       env=DAEMON_ENV)  # fmt: skip
     daemon = DaemonProc(proc, sock, data, log)
