@@ -13,9 +13,9 @@ import re
 import time
 from typing import Any, TypeVar, cast
 
-_T = TypeVar("_T")
-
 from .bugview import format_bugs
+
+_T = TypeVar("_T")
 
 __all__ = ["format_bytes", "format_status", "format_watch", "printable", "printable_tree"]
 
