@@ -115,3 +115,23 @@ async def test_status_and_dead_letters_print_the_masters_text_escaped(
 )
 def test_printable(raw: str, shown: str) -> None:
     assert printable(raw) == shown
+
+
+def test_bug_views_escape_the_targets_text() -> None:
+    """Crash types and frames come from the target's report: escaped, frames still split."""
+    from pfcollector.bugview import format_bugs
+
+    row = {
+        "job_id": "job\u202e",
+        "bug": "abc123",
+        "hits": 2,
+        "first_ns": 0,
+        "last_ns": 0,
+        "type": "heap\x1b]0;owned\x07",
+        "signature": "heap\nframe_one\x1b[2K\nframe_two",
+    }
+    line = format_bugs([row], now_ns=0)[1]
+    for char in UNSAFE:
+        assert char not in line
+    assert "heap\\x1b]0;owned\\x07  in frame_one\\x1b[2K < frame_two" in line
+    assert "job\\u202e" in line

@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from .textsafe import printable
+
 __all__ = ["bugs_command", "format_bugs", "register_bugs"]
 
 
@@ -32,7 +34,7 @@ def format_bugs(rows: Sequence[Mapping[str, Any]], *, now_ns: int | None = None)
             f"{_ago(now, row['first_ns']):>8} {_ago(now, row['last_ns']):>8}  {row['type']}"
             + (f"  in {' < '.join(frames)}" if frames else "")
         )
-    return lines
+    return [printable(line) for line in lines]  # types and frames are the target's text
 
 
 def _cut(text: str, width: int) -> str:

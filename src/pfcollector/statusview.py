@@ -9,49 +9,18 @@ ASCII output, every non-ASCII one).
 
 from __future__ import annotations
 
-import re
 import time
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from .bugview import format_bugs
-
-_T = TypeVar("_T")
+from .textsafe import printable, printable_tree
 
 __all__ = ["format_bytes", "format_status", "format_watch", "printable", "printable_tree"]
-
-# C0 (tab and newline too: one field, one line), DEL, C1, and the bidirectional controls
-# that reorder what a terminal shows (U+061C, U+200E/F, U+202A-E, U+2066-9).
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str) -> str:
-    """``text`` with every character a terminal would act on written as an escape: ``\\x1b``,
-    ``\\x9b``, ``\\u202e``."""
-    return _UNSAFE.sub(_escape, text)
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def printable_tree(value: _T) -> _T:
-    """A copy of a JSON-like document with :func:`printable` applied to every string."""
-    return cast(_T, _printable_tree(value))
-
-
-def _printable_tree(value: Any) -> Any:
-    if isinstance(value, str):
-        return printable(value)
-    if isinstance(value, dict):
-        return {k: _printable_tree(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_printable_tree(v) for v in value]
-    return value
 
 
 def format_status(s: dict[str, Any]) -> str:
     """The human view of a status reply: a few readable tables."""
+    top_bugs = (s.get("policies") or {}).get("crash", {}).get("top_bugs")  # none: scoped
     s = printable_tree(s)
     cfg, conns, spool = s["config"], s["connections"], s["spool"]
     where = "local mode (no master)" if s["mode"] == "local" else f"master {cfg['master_url']}"
@@ -83,8 +52,7 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"last success: {_when(snd['last_success']['wall'])}")
         err = snd["last_error"]
         lines.append(f"last error:   {_when(err['wall'])}  {err['text'] or ''}".rstrip())
-    top_bugs = (s.get("policies") or {}).get("crash", {}).get("top_bugs")  # none: scoped
-    if top_bugs:  # the most hit bugs of each job (bugview.py)
+    if top_bugs:  # the most hit bugs of each job (bugview.py escapes its own lines)
         lines += ["", *format_bugs(top_bugs)]
     if conns["live"]:
         lines += ["", f"{'conn':>5} {'pid':>8} {'uid':>6}  {'events':>8}  job / fuzzer"]
