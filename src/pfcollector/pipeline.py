@@ -91,7 +91,10 @@ class Pipeline:
         self._tiebreak = itertools.count()
         self._wake = trio.Event()
         self._more = True
-        self._flush_all = False
+        # flush_now(): groups formed until the spool is read through go at once, one time.
+        self._flush_once = False
+        # drain(): every group goes at once from now on. Neither touches a retry's delay.
+        self._draining = False
         self._idle = trio.Event()
 
     def notify(self) -> None:
@@ -100,8 +103,18 @@ class Pipeline:
         self._wake.set()
 
     def flush_now(self) -> None:
-        """Make every group due at once (drain, or an operator's ``flush``)."""
-        self._flush_all = True
+        """Send what is ready now, once (an operator's ``flush``).
+
+        Every group, and what the spool holds now, goes at once instead of waiting for its
+        size or interval. Events waiting for a retry keep waiting: their backoff and the
+        master's ``Retry-After`` are not the caller's to shorten.
+        """
+        self._flush_once = True
+        self._wake.set()
+
+    def drain(self) -> None:
+        """From now on every group goes at once (shutdown); retries still wait their delay."""
+        self._draining = True
         self._wake.set()
 
     async def run(self, batches: trio.MemorySendChannel[Batch]) -> None:
@@ -218,17 +231,18 @@ class Pipeline:
         group.nbytes += item.wire_size
 
     def _release_due_retries(self, now: float) -> None:
-        while self._retry and (self._retry[0][0] <= now or self._flush_all):
+        while self._retry and self._retry[0][0] <= now:
             _, _, item = heapq.heappop(self._retry)
             if item.event.id in self._held:
                 self._add(item, now)
 
     async def _emit(self, batches: trio.MemorySendChannel[Batch], now: float) -> None:
         policy = self.policy
+        flush = self._flush_once or self._draining
         for key in list(self._groups):
             group = self._groups[key]
             while group.items and (
-                self._flush_all or policy.due(len(group.items), group.nbytes, group.since, now)
+                flush or policy.due(len(group.items), group.nbytes, group.since, now)
             ):
                 take, nbytes = 0, 0
                 for item in group.items:
@@ -245,8 +259,8 @@ class Pipeline:
                 await batches.send(Batch(key[0], key[1], [item.event for item in chosen]))
             if not group.items:
                 del self._groups[key]
-        if not self._retry:
-            self._flush_all = self._flush_all and bool(self._held)
+        if not self._more:  # the spool is read through: what was ready is sent
+            self._flush_once = False
 
     def _next_deadline(self) -> float:
         deadlines = [g.since + self.policy.flush_interval for g in self._groups.values()]

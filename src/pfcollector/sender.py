@@ -248,6 +248,9 @@ class Sender:
         self._headers = request_headers(bot_id, token)
         self._breaker_changed = trio.Event()
         self._failed_attempts = 0
+        # The master's last Retry-After, as a trio time: no request of this sender goes
+        # before it, whichever batch or caller asked for the wait.
+        self._not_before = -math.inf
         if breaker.on_transition is None:
             breaker.on_transition = self._log_transition
 
@@ -425,9 +428,16 @@ class Sender:
             )
             settled = True
             if isinstance(outcome, Transient):
-                self._record_failure(outcome.reason)
+                self._record_failure(outcome.reason, outcome.retry_after)
                 raise TransientError(outcome.reason, outcome.retry_after)
-            self._record_success()
+            if isinstance(outcome, Partial) and outcome.retryable:
+                # The master answered but could not store everything (a locked database):
+                # that is a failure for the breaker, or a loop of such answers is never slowed.
+                first = next(iter(outcome.retryable.values()))
+                self._record_failure(f"master failed to store {len(outcome.retryable)} "
+                                     f"item(s): {first}")  # fmt: skip
+            else:
+                self._record_success()
             return outcome
         finally:
             if probe and not settled:
@@ -435,10 +445,21 @@ class Sender:
                 self._notify()
 
     async def _gate(self, run: _Run) -> None:
-        """Wait until the breaker lets this request through (or the delivery gave up)."""
+        """Wait until the breaker and the master's ``Retry-After`` let this request through.
+
+        A ``Retry-After`` wait longer than the retry cap is not slept through here: the
+        request fails at once with the time left as its hint, so its events are requeued to
+        wait in the pipeline instead of holding a delivery worker.
+        """
         while True:
             if run.gave_up:
                 raise TransientError(run.result.reason or "delivery given up")
+            wait = self._not_before - trio.current_time()
+            if wait > self.retry.cap:
+                raise TransientError(f"the master asked to wait {wait:.0f}s (Retry-After)", wait)
+            if wait > 0:
+                await trio.sleep(wait)
+                continue
             if self.breaker.allow(trio.current_time()):
                 return
             retry_at = self.breaker.retry_at()
@@ -453,9 +474,11 @@ class Sender:
         self._breaker_changed.set()
         self._breaker_changed = trio.Event()
 
-    def _record_failure(self, reason: str) -> None:
+    def _record_failure(self, reason: str, retry_after: float | None = None) -> None:
         reason = redact(reason)  # shown by status, logged: never a credential the master echoed
         now = trio.current_time()
+        if retry_after is not None:
+            self._not_before = max(self._not_before, now + retry_after)
         self.stats.last_error = reason
         self.stats.last_error_wall = time.time()
         self.stats.last_error_trio = now
