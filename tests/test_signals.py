@@ -5,6 +5,7 @@ and in-process, ``stop()`` returns even when signal handling is on. Every wait i
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -36,7 +37,9 @@ def test_second_sigterm_ends_the_drain_and_sighup_is_harmless(
     cmd = [sys.executable, "-m", "pfcollector", "serve", "--socket", str(sock), "--data-dir",
            str(data), "--master", "http://127.0.0.1:9", "--bot-id", "b", "--drain-deadline",
            "120", "--no-coalesce"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # A breaker that does not open: a drain with the breaker open ends at once on its own.
+    env = {**os.environ, "PFCOLLECTOR_BREAKER_THRESHOLD": "1000"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_for(sock.exists)
         with pfclient.Client(str(sock), job_id="j", fuzzer="f") as client:

@@ -259,7 +259,7 @@ def serve(
     except (NotPrivate, OSError) as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)
         raise typer.Exit(1) from None
-    known = (AddressInUse, SpoolCorrupt, ActivationError, OSError)
+    known = (AddressInUse, SpoolCorrupt, ActivationError, OSError)  # DataDirLocked: an OSError
     try:
         trio.run(_run_daemon, config, reload)
     except BaseExceptionGroup as group:

@@ -28,9 +28,10 @@ import trio
 from . import __version__
 from .access import Access, scoped_status
 from .bots import heartbeat_loop, register
-from .breaker import CircuitBreaker
+from .breaker import BreakerState, CircuitBreaker
 from .bugs import list_bugs, top_per_job, top_repeats
 from .config import Config, ConfigError, runtime_changes
+from .datalock import DataDirLock
 from .events import Kind
 from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, InputWriter, Pending
 from .inputs import InputStore
@@ -64,10 +65,16 @@ class Daemon:
         self.started_at = time.time()
         # Private whatever the umask: SQLite gives -wal and -shm the mode of spool.db.
         make_private_dir(config.data_dir)
-        create_private_file(config.spool_path)
-        self.spool = open_spool(config.spool_path, config.spool_max_bytes)
-        self.inputs = InputStore(config.inputs_dir)
-        self.inputs.clean()
+        # Before anything touches the spool: a second daemon on this data dir stops here.
+        self._lock = DataDirLock(config.data_dir)
+        try:
+            create_private_file(config.spool_path)
+            self.spool = open_spool(config.spool_path, config.spool_max_bytes)
+            self.inputs = InputStore(config.inputs_dir)
+            self.inputs.clean()
+        except BaseException:
+            self._lock.release()
+            raise
         self.ingest_send, self.ingest_recv = trio.open_memory_channel[Pending](INGEST_QUEUE_SIZE)
         self.committer = GroupCommitter(self.spool, self.inputs, crash_dedupe=config.crash_dedupe)
         self.input_writer = InputWriter(self.spool, self.inputs)
@@ -98,6 +105,10 @@ class Daemon:
         self.bot_id = config.bot_id
         self.draining = False
         self.stopping = False
+        #: Trio time the drain ends at the latest (set when it starts).
+        self.drain_deadline: float | None = None
+        # Why the drain ended before everything was delivered (None: it did not).
+        self._drain_cut: str | None = None
         # Shielded: a cancellation from outside must not cut the drain short; its deadline,
         # or a second SIGTERM (skip_drain), does.
         self._drain_scope = trio.CancelScope(shield=True)
@@ -121,9 +132,9 @@ class Daemon:
                 if handle_signals:
                     delivery.start_soon(self._on_signals)  # TERM/INT stop, HUP reloads
                 delivery.start_soon(self.input_writer.run)  # spooled input bytes -> files
-                async with trio.open_nursery() as ingest:
-                    ingest.start_soon(self.committer.run, self.ingest_recv)  # channel -> spool
-                    await ingest.start(self.server.serve)  # socket -> channel
+                async with trio.open_nursery() as front:
+                    # The socket: events until stop(), control requests until the drain ends.
+                    await front.start(self.server.serve)
                     log.info(
                         "pfcollector %s listening on %s (%s mode, spool %s)",
                         __version__,
@@ -132,21 +143,37 @@ class Daemon:
                         config.spool_path,
                     )
                     task_status.started(self)
-                # Ingest is over: every accepted event is settled in the spool.
-                if http is not None:
-                    await self._drain()
+                    # channel -> spool, until stop() closed the channel and all of it is written
+                    await self.committer.run(self.ingest_recv)
+                    # Ingest is over: every accepted event is settled in the spool.
+                    if http is not None:
+                        await self._drain()
+                    self.server.stop()
                 delivery.cancel_scope.cancel()
         finally:
-            self.spool.close()
-        log.info("stopped; %d event(s) remain in the spool", self.spool.total_count)
+            try:
+                self.spool.close()
+            finally:
+                self._lock.release()
+        if self._drain_cut is not None:
+            log.warning("stopped before the drain was done (%s); %d undelivered event(s) stay "
+                        "in the spool for the next start", self._drain_cut,
+                        self.spool.total_count)  # fmt: skip
+        else:
+            log.info("stopped; %d event(s) remain in the spool", self.spool.total_count)
 
     def stop(self) -> None:
-        """Begin a graceful shutdown: stop accepting; :meth:`run` drains and returns."""
-        self.stopping = True
-        self.server.stop()
+        """Begin a graceful shutdown: take no more events; :meth:`run` drains and returns.
 
-    def skip_drain(self) -> None:
+        Control requests (``status``) are answered until the drain is over.
+        """
+        self.stopping = True
+        self.server.stop_ingest()
+
+    def skip_drain(self, reason: str = "a second signal") -> None:
         """End the drain now: what is undelivered stays in the spool for the next start."""
+        if self._drain_cut is None:
+            self._drain_cut = reason
         self._drain_scope.cancel()
 
     async def _on_signals(self) -> None:
@@ -162,22 +189,28 @@ class Daemon:
                              self.config.drain_deadline)  # fmt: skip
                     self.stop()
                 else:
-                    log.warning("%s again: ending the drain; undelivered events stay in the "
-                                "spool for the next start", name)  # fmt: skip
-                    self.skip_drain()
+                    log.warning("%s again: ending the drain", name)
+                    self.skip_drain(f"{name} again")
 
     async def _drain(self) -> None:
+        """Deliver what the spool holds, until done, the deadline, or no hope of delivering.
+
+        A drain that cannot deliver ends at once: with the circuit breaker open (now, or
+        opening during the drain), or no bot id yet, nothing more would reach the master, and
+        everything stays in the spool anyway.
+        """
         self.draining = True
-        self.pipeline.flush_now()
-        self._drain_scope.deadline = trio.current_time() + self.config.drain_deadline
+        self.pipeline.drain()
+        self.drain_deadline = trio.current_time() + self.config.drain_deadline
+        self._drain_scope.deadline = self.drain_deadline
+        if self.sender is None:
+            self.skip_drain("not registered with the master")
+        elif self.sender.breaker.state(trio.current_time()) is BreakerState.OPEN:
+            self.skip_drain("the master is unreachable: circuit breaker open")
         with self._drain_scope as scope:
             await self.pipeline.wait_idle()
-        if scope.cancelled_caught:
-            log.warning(
-                "drain ended (deadline or a second signal); %d undelivered event(s) "
-                "stay in the spool for the next start",
-                self.spool.total_count,
-            )
+        if scope.cancelled_caught and self._drain_cut is None:
+            self._drain_cut = f"drain_deadline of {self.config.drain_deadline:g}s"
 
     @asynccontextmanager
     async def _master_client(self) -> AsyncIterator[httpx.AsyncClient | None]:
@@ -201,9 +234,7 @@ class Daemon:
             reset_timeout=config.breaker_reset,
             max_reset_timeout=config.breaker_max_reset,
         )
-        breaker.on_transition = lambda old, new: log.warning(
-            "circuit breaker for %s: %s -> %s", config.master_url, old, new
-        )
+        breaker.on_transition = self._on_breaker
         self.sender = Sender(
             http,
             bot_id=self.bot_id,
@@ -222,6 +253,11 @@ class Daemon:
                 delivery.start_soon(self.pipeline.deliver, batch_recv.clone(), self.sender.deliver)
         if config.register:
             delivery.start_soon(self._heartbeats, http)
+
+    def _on_breaker(self, old: BreakerState, new: BreakerState) -> None:
+        log.warning("circuit breaker for %s: %s -> %s", self.config.master_url, old, new)
+        if new is BreakerState.OPEN and self.draining:
+            self.skip_drain("the master is unreachable: circuit breaker open")
 
     async def _register(self, http: httpx.AsyncClient) -> str:
         stored = await trio.to_thread.run_sync(self.spool.get_meta, "bot_id")
@@ -349,6 +385,20 @@ class Daemon:
             },
         }
 
+    def _drain_progress(self) -> dict[str, Any] | None:
+        """While stopping: events still to deliver, and seconds left before the deadline."""
+        if not self.stopping:
+            return None
+        left = None
+        if self.drain_deadline is not None:
+            left = round(max(0.0, self.drain_deadline - trio.current_time()), 3)
+        return {
+            "phase": "delivering" if self.draining else "storing accepted events",
+            "events_left": self.spool.total_count,
+            "deadline_in_s": left,
+            "ended": self._drain_cut,
+        }
+
     async def status(self) -> dict[str, Any]:
         """Everything ``pfcollector status`` shows, as stable JSON."""
         server, stats = self.server, self.server.stats
@@ -361,6 +411,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 3),
             "mode": "local" if self.config.local_mode else "master",
             "draining": self.draining,
+            "drain": self._drain_progress(),
             "connections": {
                 "current": len(server.connections),
                 "total": stats.connections_total,

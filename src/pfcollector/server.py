@@ -8,8 +8,11 @@ One client's garbage costs that client its connection, never the daemon.
 Resource handling:
     The socket file is created with the configured mode (0660) before ``listen``. A socket file
     left by a dead daemon is replaced; a live daemon on the same path is refused with
-    :class:`AddressInUse`. :meth:`Server.stop` closes the listener, removes the socket file,
-    stops every reader, and lets each connection send its final ack before it is closed.
+    :class:`AddressInUse`. Shutdown has two steps. :meth:`Server.stop_ingest` stops every
+    reader that could store events and closes the ingest channel once they are gone; from then
+    on the socket still answers control requests (``status`` during a drain), and events get
+    the non-fatal ``draining`` refusal. :meth:`Server.stop` then closes the listener, removes
+    the socket file, and lets each connection send its final ack before it is closed.
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ CLOSE_GRACE = 5.0
 #: Seconds a connection closed for a fatal error keeps reading (and discarding) its input.
 LINGER = 1.0
 _LISTEN_BACKLOG = 512
+DRAINING_MESSAGE = (
+    "the daemon is shutting down and stores no more events: this one was not stored; "
+    "send it again to the next daemon"
+)
 _PEERCRED = struct.Struct("3i")
 
 ControlHandler = Callable[[str, dict[str, Any], "ConnectionInfo"], Awaitable[Any]]
@@ -210,6 +217,9 @@ class Server:
         self._accepting = trio.CancelScope()
         self._readers: set[trio.CancelScope] = set()
         self._stopping = False
+        # Readers that may still put events on the ingest channel; it closes when none is left.
+        self._ingest_users = 0
+        self._ingest_quiet = trio.Event()
         self._inode: int | None = None
         # Stats and coverage are merged in memory and pushed to the spool once per interval
         # (None: every event goes to the spool as it comes).
@@ -239,25 +249,41 @@ class Server:
                 os.chown(self.socket_path, -1, self.socket_group)
             self._inode = os.stat(self.socket_path).st_ino
         listener = trio.SocketListener(sock)
-        async with self._ingest, listener:
-            async with trio.open_nursery() as handlers:
-                handlers.start_soon(self._coalesce_loop)
-                task_status.started(self)
-                with self._accepting:
-                    while True:
-                        stream = await listener.accept()
-                        handlers.start_soon(self._handle, stream)
-                self._remove_socket_file()
-            await self._push_coalesced()  # what connections sent last goes to the spool too
+        async with listener, trio.open_nursery() as handlers:
+            handlers.start_soon(self._coalesce_loop)
+            handlers.start_soon(self._close_ingest)
+            task_status.started(self)
+            with self._accepting:
+                while True:
+                    stream = await listener.accept()
+                    handlers.start_soon(self._handle, stream)
+            self._remove_socket_file()
         log.info("server stopped")
 
-    def stop(self) -> None:
-        """Stop accepting and reading; connections send their final acks and close."""
+    def stop_ingest(self) -> None:
+        """Take no more events: stop the readers that could store one, then close the ingest
+        channel. The listener stays, for control requests; events are refused (``draining``).
+        """
+        if self._stopping:
+            return
         self._stopping = True
-        self._accepting.cancel()
         self._coalescing.cancel()
         for scope in self._readers:
             scope.cancel()
+        if not self._ingest_users:
+            self._ingest_quiet.set()
+
+    def stop(self) -> None:
+        """Stop accepting and reading; connections send their final acks and close."""
+        self.stop_ingest()
+        self._accepting.cancel()
+        for scope in self._readers:
+            scope.cancel()
+
+    async def _close_ingest(self) -> None:
+        async with self._ingest:  # closing it tells the group commit that nothing more comes
+            await self._ingest_quiet.wait()
+            await self._push_coalesced()  # what connections sent last goes to the spool too
 
     async def _coalesce_loop(self) -> None:
         if self._coalesce_interval is None:
@@ -320,12 +346,17 @@ class Server:
                         nursery.start_soon(self._acker, tracker, send)
                         with trio.CancelScope() as reading:
                             self._readers.add(reading)
-                            if self._stopping:
+                            ingest_user = not self._stopping
+                            self._ingest_users += ingest_user
+                            if self._accepting.cancel_called:
                                 reading.cancel()
                             try:
                                 fatal = await self._read(stream, info, tracker, send)
                             finally:
                                 self._readers.discard(reading)
+                                self._ingest_users -= ingest_user
+                                if self._stopping and not self._ingest_users:
+                                    self._ingest_quiet.set()
                         # Let the acker send the final acks, but never wait forever for a
                         # client that does not read them.
                         closing.deadline = trio.current_time() + CLOSE_GRACE
@@ -416,6 +447,12 @@ class Server:
                             ), fatal=True))  # fmt: skip
                             return True
                         tokens -= 1
+                    if self._stopping:  # draining: control only; the client keeps its event
+                        self.stats.errors["draining"] += 1
+                        self.stats.rejected[msg.kind] += 1
+                        await send(ErrorMsg("draining", DRAINING_MESSAGE, seq=msg.seq))
+                        tracker.handled(msg.seq)
+                        continue
                     event, kept = self._event(msg, conn, info)
                     if not self._coalesce(event, msg.seq, tracker):  # no await per snapshot
                         await self._spool_event(event, kept, msg.seq, tracker)
