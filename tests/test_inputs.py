@@ -93,3 +93,39 @@ async def test_a_failing_disk_keeps_the_bytes_until_it_works(
         nursery.cancel_scope.cancel()
     assert inputs.path_for(hashlib.sha256(b"precious").hexdigest()).read_bytes() == b"precious"
     assert not list((tmp_path / "inputs").glob("*/*.tmp"))
+
+
+async def test_a_file_renamed_but_not_synced_is_synced_before_the_bytes_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    import pfcollector.inputs as inputs_module
+
+    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
+    await GroupCommitter(spool, inputs).commit([crash_pending(b"renamed", AckTracker(), 1)])
+    real_syncfs = inputs_module._syncfs
+    calls: list[str] = []
+
+    def syncfs(root: Path) -> bool:
+        calls.append("sync")
+        if len(calls) == 2:  # after the rename, before its sync: the disk fails
+            raise OSError(errno.EIO, "Input/output error")
+        return real_syncfs(root)
+
+    dropped: list[int] = []  # syncs seen when the journal rows were dropped
+    real_drop = spool.drop_inputs
+
+    def drop(shas: Any) -> None:
+        dropped.append(len(calls))
+        real_drop(shas)
+
+    monkeypatch.setattr(inputs_module, "_syncfs", syncfs)
+    monkeypatch.setattr(spool, "drop_inputs", drop)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(InputWriter(spool, inputs).run)
+        await until(lambda: spool.pending_input_count() == 0, 60)
+        nursery.cancel_scope.cancel()
+    path = inputs.path_for(hashlib.sha256(b"renamed").hexdigest())
+    assert path.read_bytes() == b"renamed"
+    # The file existed at the retry (renamed by the failed try), yet it was synced again
+    # before its bytes left the spool.
+    assert dropped == [len(calls)] and len(calls) >= 3

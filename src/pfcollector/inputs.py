@@ -57,7 +57,8 @@ class InputStore:
         """Write ``(sha256, data)`` files and make them durable. Blocking: call in a thread.
 
         Returns only when every file and its directory entry is on disk, so the caller may
-        then forget the bytes.
+        then forget the bytes: files that already exist are synced too (a run that died
+        between its rename and its sync left a name that may not be on disk).
 
         Error handling:
             ``OSError`` (disk full, permissions) propagates after removing this call's
@@ -65,10 +66,14 @@ class InputStore:
         """
         written: list[Path] = []
         temps: list[Path] = []
+        existing: list[Path] = []
         try:
             for sha256, data in items:
                 final = self.path_for(sha256)
                 if final.exists():
+                    # Maybe renamed by a run that died before its sync: its name may not be
+                    # on disk yet. Synced below like the new ones, before the caller forgets.
+                    existing.append(final)
                     continue
                 make_private_dir(final.parent)
                 tmp = final.with_name(f"{sha256}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -77,16 +82,16 @@ class InputStore:
                 with open(fd, "wb") as f:
                     f.write(data)
                 written.append(tmp)
-            if not written:
+            if not written and not existing:
                 return
             # Contents first, then the names: a file is never visible before its bytes are.
-            if not _syncfs(self.root):
+            if written and not _syncfs(self.root):
                 with ThreadPoolExecutor(FSYNC_THREADS) as pool:
                     list(pool.map(_fsync_path, written))
             for tmp in written:
                 os.replace(tmp, tmp.with_name(tmp.name.split(".", 1)[0]))
             if not _syncfs(self.root):
-                for directory in {tmp.parent for tmp in written}:
+                for directory in {path.parent for path in [*written, *existing]}:
                     _fsync_path(directory)
         except BaseException:
             for tmp in temps:
