@@ -44,6 +44,29 @@ def test_coverage_sums_new_edges_keeps_latest() -> None:
     assert merged.fields == {"edges": 110, "new_edges": 55, "exec_count": 10_000}
 
 
+def test_a_resent_coverage_event_is_merged_once() -> None:
+    c = Coalescer()
+    first = make_event(Kind.COVERAGE, edges=10, new_edges=4)
+    second = make_event(Kind.COVERAGE, edges=12, new_edges=2)
+    for ev in (first, second, first, second):  # the producer resends after a lost ack
+        assert c.add(ev)
+    (merged,) = c.take()
+    assert merged.fields["new_edges"] == 6 and merged.fields["edges"] == 12
+    assert c.resends == 2
+    c.add(first)  # a new interval: ids of the last one are forgotten
+    assert c.take()[0].fields["new_edges"] == 4
+
+
+def test_remembered_ids_are_bounded() -> None:
+    c = Coalescer(max_ids=10)
+    events = [make_event(Kind.COVERAGE, new_edges=1) for _ in range(20)]
+    for ev in events:
+        c.add(ev)
+    c.add(events[-1])  # still remembered
+    c.add(events[0])  # forgotten: merged again, the price of a bounded memory
+    assert c.take()[0].fields["new_edges"] == 21
+
+
 def test_coalescer_full_flag() -> None:
     c = Coalescer(max_keys=3)
     for job in ("a", "b"):

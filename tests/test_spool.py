@@ -111,3 +111,19 @@ def test_meta_survives(tmp_path: Path) -> None:
     assert spool.get_meta("bot_id") == "bot-7"
     assert spool.check() == "ok"
     spool.close()
+
+
+def test_retrying_a_dead_letter_already_back_in_the_spool_counts_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.db")
+    ev = make_event(Kind.CRASH)
+    spool.append([ev])
+    spool.dead_letter([(ev.id, 400, "bad")])
+    spool.append([ev])  # the producer sent it again: stored under its id
+    before = (spool.total_count, spool.total_bytes)
+    assert spool.retry_dead_letters() == 0  # not stored twice, so not requeued
+    assert (spool.total_count, spool.total_bytes) == before
+    spool.close()
+    reopened = Spool(tmp_path / "s.db")  # the totals as counted from the rows
+    assert (reopened.total_count, reopened.total_bytes) == before
+    assert reopened.dead_letters() == []
+    reopened.close()

@@ -23,12 +23,21 @@ from typing import Any
 
 from .events import Event, Kind
 
-__all__ = ["COALESCED_KINDS", "MAX_COALESCE_KEYS", "Coalescer", "crash_signature"]
+__all__ = [
+    "COALESCED_KINDS",
+    "MAX_COALESCE_KEYS",
+    "MAX_MERGED_IDS",
+    "Coalescer",
+    "crash_signature",
+]
 
 #: Kinds kept in memory and merged between flushes instead of spooled one by one.
 COALESCED_KINDS: frozenset[Kind] = frozenset({Kind.STATS, Kind.COVERAGE})
 #: Distinct (kind, job, fuzzer, pid) keys held at most; past this, the caller flushes early.
 MAX_COALESCE_KEYS = 4096
+#: Ids of merged events remembered per interval, at most (about 100 bytes each), so that a
+#: resend is not merged twice; past this the oldest are forgotten.
+MAX_MERGED_IDS = 16384
 
 
 def crash_signature(sha256: str, crash_type: str, signal: int) -> str:
@@ -39,10 +48,15 @@ def crash_signature(sha256: str, crash_type: str, signal: int) -> str:
 class Coalescer:
     """Latest-wins (stats) and merge (coverage) between flushes; bounded by key count."""
 
-    def __init__(self, max_keys: int = MAX_COALESCE_KEYS) -> None:
+    def __init__(self, max_keys: int = MAX_COALESCE_KEYS, max_ids: int = MAX_MERGED_IDS) -> None:
         self.max_keys = max_keys
+        self.max_ids = max_ids
         self.absorbed: Counter[str] = Counter()
+        self.resends = 0
         self._pending: dict[tuple[Any, ...], Event] = {}
+        # Ids taken in this interval, oldest first: a producer that resends after a lost ack
+        # must not have its new_edges counted twice.
+        self._ids: dict[str, None] = {}
 
     def add(self, event: Event) -> bool:
         """Merge a stats or coverage event into what is pending for its key.
@@ -51,13 +65,18 @@ class Coalescer:
         full: the caller sends it the durable way, which has flow control, so a producer
         inventing a job id per event cannot grow memory without bound.
         """
+        if event.id in self._ids:
+            self.resends += 1
+            return True  # already merged: taken, and nothing to add
         key = (event.kind, event.job_id, event.fuzzer, event.peer_pid)
         held = self._pending.get(key)
         if held is None:
             if len(self._pending) >= self.max_keys:
                 return False
             self._pending[key] = event
+            self._remember(event.id)
             return True
+        self._remember(event.id)
         self.absorbed[event.kind] += 1
         if event.kind is Kind.COVERAGE:
             fields = dict(event.fields)
@@ -79,4 +98,10 @@ class Coalescer:
     def take(self) -> list[Event]:
         """Everything pending, oldest key first; the coalescer is empty afterwards."""
         events, self._pending = list(self._pending.values()), {}
+        self._ids = {}
         return events
+
+    def _remember(self, id_: str) -> None:
+        self._ids[id_] = None
+        if len(self._ids) > self.max_ids:
+            del self._ids[next(iter(self._ids))]

@@ -34,6 +34,9 @@ from typing import Any, TypeVar
 import msgpack
 
 from . import bugs
+from .deadletters import EVENT_COLUMNS as _COLUMNS
+from .deadletters import DeadLetters
+from .deadletters import rollback as _rollback
 from .events import DURABLE_KINDS, Event, Kind
 
 __all__ = ["COUNTERS", "Spool", "SpoolCorrupt", "Spooled", "check_spool", "open_spool"]
@@ -106,7 +109,6 @@ CREATE TABLE IF NOT EXISTS seen (
     PRIMARY KEY (kind, job_id, key)
 ) WITHOUT ROWID;
 """
-_COLUMNS = "id, kind, job_id, fuzzer, ts_ns, received_ns, peer_pid, peer_uid, body, size, attempts"
 
 
 class SpoolCorrupt(Exception):
@@ -127,8 +129,11 @@ class Spooled:
     wire_size: int = 0
 
 
-class Spool:
-    """The durable store. Every method is blocking and thread-safe; call from a worker thread."""
+class Spool(DeadLetters):
+    """The durable store. Every method is blocking and thread-safe; call from a worker thread.
+
+    Listing and requeueing dead letters: :class:`~pfcollector.deadletters.DeadLetters`.
+    """
 
     def __init__(self, path: Path, *, max_bytes: int = 1024**3) -> None:
         self.path = Path(path)
@@ -456,53 +461,6 @@ class Spool:
             (n,) = self._db.execute("SELECT COUNT(*) FROM pending_inputs").fetchone()
         return int(n)
 
-    # -- dead letters --------------------------------------------------------------------
-
-    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The newest dead letters, with the master's answer."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, kind, job_id, status, error, failed_ns, attempts FROM dead_letters "
-                "ORDER BY failed_ns DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        keys = ("id", "kind", "job_id", "status", "error", "failed_ns", "attempts")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
-
-    def retry_dead_letters(self, ids: Sequence[str] | None = None) -> int:
-        """Put dead letters (all, or those named) back in line for delivery. Returns how many.
-
-        They get new sequence numbers, so a running pipeline picks them up like new events.
-        """
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                where, args = "", tuple[str, ...]()
-                if ids is not None:
-                    where = f" WHERE id IN ({','.join('?' * len(ids))})"
-                    args = tuple(ids)
-                rows = db.execute(
-                    f"DELETE FROM dead_letters{where} RETURNING {_COLUMNS}", args
-                ).fetchall()
-                db.executemany(
-                    f"INSERT OR IGNORE INTO events ({_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                delta: Counter[tuple[str, str]] = Counter()
-                for row in rows:
-                    self._count[row[1]] += 1
-                    self._bytes[row[1]] += row[9]
-                    delta[row[1], "dead_lettered"] -= 1
-                self._bump(delta)
-                db.execute("COMMIT")
-            except BaseException:
-                _rollback(db)
-                self._reload_totals()
-                raise
-        return len(rows)
-
     # -- status --------------------------------------------------------------------------
 
     @property
@@ -648,10 +606,3 @@ def check_spool(path: Path) -> dict[str, Any]:
     }
     report["dead_letters"] = dict(dead)
     return report
-
-
-def _rollback(db: sqlite3.Connection) -> None:
-    # After SQLITE_FULL (a full disk) SQLite may have rolled back already; a ROLLBACK then
-    # raises "no transaction is active" and would hide the error that matters.
-    if db.in_transaction:
-        db.execute("ROLLBACK")
