@@ -27,6 +27,7 @@ import trio
 
 from .bugs import DedupeMode, crash_key, dedupe_mode
 from .events import Event, Kind
+from .idcheck import ID_CONFLICT, ID_CONFLICT_MESSAGE
 from .inputs import InputStore
 from .spool import Spool
 
@@ -181,7 +182,7 @@ class GroupCommitter:
             log.warning("spool writes work again (after %s)", self.failing)
             self.failing = None
         self.groups += 1
-        refused = sum(result is not None for result in results)
+        refused = sum(result == "spool_full" for result in results)
         if refused and not self.full:
             log.warning("spool is full (spool_max_bytes): refusing crash and corpus events, "
                         "dropping the oldest stats and coverage")  # fmt: skip
@@ -298,6 +299,7 @@ def _write_failure(exc: BaseException) -> tuple[str, str]:
 
 
 _REFUSALS = {
+    ID_CONFLICT: ID_CONFLICT_MESSAGE,
     "spool_full": "the spool is full (spool_max_bytes); crash and corpus events are refused, "
     "not dropped: deliver or raise the limit",
 }

@@ -382,7 +382,8 @@ class Server:
             ready = tracker.ack_ready
             for seq, code, message in errors:
                 self.stats.errors[code] += 1  # spool_full, disk_full: refused after accept
-                await send(ErrorMsg(code, message, seq=seq))
+                field = "id" if code == "id_conflict" else None
+                await send(ErrorMsg(code, message, seq=seq, field=field))
             if ready > tracker.acked:
                 tracker.acked = ready
                 await send(Ack(ready))

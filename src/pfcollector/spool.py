@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from . import bugs
+from . import bugs, idcheck
 from .deadletters import EVENT_COLUMNS as _COLUMNS
 from .deadletters import DeadLetters
 from .deadletters import rollback as _rollback
@@ -146,6 +146,7 @@ class Spool(DeadLetters):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA + bugs.SCHEMA)
+            idcheck.migrate(self._db)
             self._db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -168,17 +169,19 @@ class Spool(DeadLetters):
     ) -> list[str | None]:
         """Store a group of events in one durable transaction.
 
-        Returns, per event, ``None`` when it is stored (or was already: an id seen before is a
-        producer's resend, and storing it again would duplicate it), or ``"spool_full"`` when it
-        was refused. When the spool is full, stats, coverage and lifecycle events make room by
-        dropping the oldest of their own kind; crash and corpus events are refused, never
-        dropped. ``sizes`` adds bytes stored outside the database (crash inputs) to each
-        event's accounted size. ``keys`` are dedupe keys per event (a crash's signature, or
-        one key per corpus entry): an event whose keys were all seen in its job under another
-        id is accepted but only counted (``deduped``, and a hit on the first one); a corpus
-        event keeps only its unseen entries. ``blobs`` are the ``(sha256, bytes)`` of inputs an
-        event refers to that are not on disk yet: kept here, in the event's own transaction,
-        until :meth:`drop_inputs` says the files are durable.
+        Returns, per event, ``None`` when it is stored (or was already: a producer's resend,
+        and storing it again would duplicate it), or the code it was refused with:
+        ``"spool_full"``, or ``"id_conflict"`` when its id is stored for a different event
+        (:mod:`pfcollector.idcheck`). When the spool is full, stats, coverage and lifecycle
+        events make room by dropping the oldest of their own kind; crash and corpus events
+        are refused, never dropped. ``sizes`` adds bytes stored outside the database (crash
+        inputs) to each event's accounted size. ``keys`` are dedupe keys per event (a
+        crash's signature, or one key per corpus entry): an event whose keys were all seen
+        in its job under another id is accepted but only counted (``deduped``, and a hit on
+        the first one); a corpus event keeps only its unseen entries. ``blobs`` are the
+        ``(sha256, bytes)`` of inputs an event refers to that are not on disk yet: kept
+        here, in the event's own transaction, until :meth:`drop_inputs` says the files are
+        durable.
         """
         results: list[str | None] = []
         delta: Counter[tuple[str, str]] = Counter()
@@ -194,6 +197,7 @@ class Spool(DeadLetters):
                 now = time.time_ns()
                 known = self._seen_before(events, keys) if keys is not None else {}
                 for i, ev in enumerate(events):
+                    digest = idcheck.body_digest(ev.fields)  # before dedupe trims a corpus
                     fresh: list[str] = []
                     event_keys = keys[i] if keys is not None else None
                     if event_keys:
@@ -213,8 +217,8 @@ class Spool(DeadLetters):
                         results.append("spool_full")
                         continue
                     cur = db.execute(
-                        f"INSERT OR IGNORE INTO events ({_COLUMNS}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                        f"INSERT OR IGNORE INTO events ({_COLUMNS}, digest) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
                         (
                             ev.id,
                             ev.kind.value,
@@ -226,8 +230,12 @@ class Spool(DeadLetters):
                             ev.peer_uid,
                             body,
                             size,
+                            digest,
                         ),
                     )
+                    if cur.rowcount == 0 and idcheck.conflict(db, ev, digest):
+                        results.append(idcheck.ID_CONFLICT)  # not a resend: refused
+                        continue
                     if cur.rowcount == 1:
                         self._count[ev.kind] += 1
                         self._bytes[ev.kind] += size
