@@ -26,6 +26,7 @@ from pfcollector.devmaster import DevMaster
 from pfcollector.events import Kind
 from pfcollector.protocol import ErrorMsg, EventMsg, Welcome
 from pfcollector.spool import Spool
+from pfcollector.statusview import format_status
 
 from .conftest import start_daemon
 from .wire import RawClient, event, exchange
@@ -106,6 +107,8 @@ async def test_status_answers_while_draining_and_events_are_refused(
             assert status["draining"] is True
             assert status["drain"]["events_left"] == 7
             assert 0 < status["drain"]["deadline_in_s"] <= 600
+            shown = format_status(status)
+            assert "DRAINING (delivering): 7 event(s) left to deliver, deadline in" in shown
             # An event is refused, not stored, and the connection stays usable.
             client = await RawClient.connect(config.socket_path)
             assert isinstance(await client.hello(), Welcome)
@@ -117,6 +120,26 @@ async def test_status_answers_while_draining_and_events_are_refused(
             assert daemon.spool.total_count == 7
             daemon.skip_drain()
     assert not config.socket_path.exists()  # the listener is gone once the drain is over
+
+
+async def test_flush_says_when_the_breaker_holds_deliveries_back(
+    make_config: Callable[..., Config], master: DevMaster
+) -> None:
+    master.down()
+    config = make_config(master_url=master.url, bot_id="b", breaker_threshold=1,
+                         drain_deadline=1.0, **{**QUICK, "breaker_reset": 60.0,
+                                                "breaker_max_reset": 60.0})  # fmt: skip
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            daemon = await start_daemon(nursery, config)
+            assert await send_all(config.socket_path, crashes(3)) == []
+            assert daemon.sender is not None
+            while daemon.sender.breaker.state(trio.current_time()).value != "open":
+                await trio.sleep(0.02)
+            result = await trio.to_thread.run_sync(request, config.socket_path, "flush")
+            assert result["flushing"] is True and result["breaker"] == "open"
+            assert "circuit breaker is open" in result["reason"]
+            daemon.stop()
 
 
 async def test_local_daemon_stops_and_answers_control_until_then(

@@ -416,9 +416,21 @@ def tune(
 
 @app.command()
 def flush(socket_path: SocketOpt = None) -> None:
-    """Send every pending batch now instead of at the flush interval."""
-    _ask(socket_path, "flush")
-    typer.echo("flushing")
+    """Send what is ready now, once, instead of at the flush interval.
+
+    Events waiting for a retry keep their backoff and the master's Retry-After.
+    """
+    result = _ask(socket_path, "flush")
+    if not isinstance(result, dict) or "breaker" not in result:
+        reason = result.get("reason") if isinstance(result, dict) else None
+        typer.echo(f"nothing to flush: {reason or 'the daemon did not say why'}")
+        return
+    line = "flushing"
+    if result.get("waiting_retry"):
+        line += f"; {result['waiting_retry']} event(s) wait for their retry delay"
+    typer.echo(line)
+    if result.get("reason"):
+        typer.echo(f"warning: {result['reason']}", err=True)
 
 
 @dead_letters_app.command("list")

@@ -321,11 +321,30 @@ class Daemon:
             self.pipeline.notify()
             return {"requeued": count}
         if op == "flush":
-            self.pipeline.flush_now()
-            return {"flushing": True}
+            return self.flush()
         if op == "tune":
             return self.tune(args)
         raise LookupError(f"unknown control op {op!r}; known: {', '.join(CONTROL_OPS)}")
+
+    def flush(self) -> dict[str, Any]:
+        """Send what is ready now, once. Retries keep their backoff and the master's
+        ``Retry-After``; an open breaker holds everything back until its probe succeeds."""
+        if self.sender is None:
+            return {"flushing": False, "reason": "no master (local mode, or not registered yet)"}
+        self.pipeline.flush_now()
+        now = trio.current_time()
+        breaker = self.sender.breaker.snapshot(now)
+        out: dict[str, Any] = {
+            "flushing": True,
+            "breaker": breaker["state"],
+            "waiting_retry": self.pipeline.status()["waiting_retry"],
+        }
+        if breaker["state"] != "closed":
+            out["reason"] = (
+                f"the circuit breaker is {breaker['state']}: deliveries wait for the master "
+                f"(next probe in {breaker['retry_in'] or 0:.1f}s)"
+            )
+        return out
 
     def tune(self, args: dict[str, Any]) -> dict[str, Any]:
         """Change the batch size and flush interval at run time (validated like the config)."""

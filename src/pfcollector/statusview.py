@@ -32,6 +32,7 @@ def format_status(s: dict[str, Any]) -> str:
         f"{format_bytes(spool['max_bytes'])}  ({spool['path']})",
         f"batch size {cfg['batch_size']}, flush every {cfg['flush_interval']}s, "
         f"data dir {cfg['data_dir']}",
+        *_drain_lines(s.get("drain")),
         "",
         f"{'kind':<9}{'received':>10}{'accepted':>10}{'rejected':>10}{'spooled':>10}"
         f"{'delivered':>11}{'retried':>9}{'dead':>7}{'dropped':>9}{'oldest':>9}",
@@ -65,6 +66,19 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _drain_lines(drain: dict[str, Any] | None) -> list[str]:
+    """What a stopping daemon still has to do (nothing when it is not stopping)."""
+    if not drain:
+        return []
+    left = drain.get("deadline_in_s")
+    line = f"DRAINING ({drain['phase']}): {drain['events_left']} event(s) left to deliver"
+    if left is not None:
+        line += f", deadline in {left:.0f}s"
+    if drain.get("ended"):
+        line += f"; ended early: {drain['ended']} (the rest stays in the spool)"
+    return [line]
+
+
 def _when(wall: float | None) -> str:
     if wall is None:
         return "-"
@@ -95,7 +109,8 @@ def format_watch(
     where = "local mode" if cur["mode"] == "local" else f"master {cur['config']['master_url']}"
     lines = [
         f"pfcollector {cur['version']}  pid {cur['pid']}  up {_duration(cur['uptime_s'])}  "
-        f"{where}  {time.strftime('%H:%M:%S')}" + ("  DRAINING" if cur.get("draining") else ""),
+        f"{where}  {time.strftime('%H:%M:%S')}",
+        *_drain_lines(cur.get("drain")),
         "",
         f"{'kind':<10}{'in/s':>9}{'out/s':>9}{'spooled':>10}{'oldest':>9}{'dead':>7}"
         f"{'dropped':>9}{'received':>11}",
