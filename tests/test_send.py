@@ -85,7 +85,11 @@ async def test_send_each_kind(local_daemon: Daemon, tmp_path: Path) -> None:
             code, _, err = await run("send", kind, *common)
             assert code == 0, err
         # a retried script with the same --id: acknowledged again, stored once
-        assert (await run("send", "coverage", "--edges", "7", "--id", "cov-1", *common))[0] == 0
+        again = ["send", "coverage", "--edges", "7", "--new-edges", "2", "--id", "cov-1"]
+        assert (await run(*again, *common))[0] == 0
+        # the same --id with other content is another event: refused, one line
+        code, _, err = await run("send", "coverage", "--edges", "8", "--id", "cov-1", *common)
+        assert code == 1 and err.startswith("error: id_conflict:") and err.count("\n") == 1
     events = {r.event.id: r.event for r in local_daemon.spool.read_after(0, 100)}
     crash = events[crash_id]
     assert crash.kind is Kind.CRASH and crash.fuzzer == "sh" and crash.job_id == "job-send"
