@@ -47,11 +47,12 @@ func (e *RejectedError) Error() string {
 	return fmt.Sprintf("pfcollector refused: %s: %s", e.Code, e.Message)
 }
 
-// retryable reports whether the daemon refused for lack of room or a write error, not
-// because of the event itself: such a crash is worth saving in the outbox.
+// retryable reports whether the daemon refused for lack of room, a write error or its
+// shutdown (draining), not because of the event itself: such a crash is worth saving in
+// the outbox.
 func (e *RejectedError) retryable() bool {
 	switch e.Code {
-	case "spool_full", "disk_full", "spool_write_failed":
+	case "spool_full", "disk_full", "spool_write_failed", "draining":
 		return true
 	}
 	return false
