@@ -197,7 +197,7 @@ class Spool(DeadLetters):
                 now = time.time_ns()
                 known = self._seen_before(events, keys) if keys is not None else {}
                 for i, ev in enumerate(events):
-                    digest = idcheck.body_digest(ev.fields)  # before dedupe trims a corpus
+                    sent = ev.fields  # what the producer sent, before dedupe trims a corpus
                     fresh: list[str] = []
                     event_keys = keys[i] if keys is not None else None
                     if event_keys:
@@ -209,6 +209,9 @@ class Spool(DeadLetters):
                             continue
                         ev, fresh = deduped
                     body = msgpack.packb(dict(ev.fields), use_bin_type=True)
+                    digest = idcheck.body_digest(
+                        body if ev.fields is sent else msgpack.packb(sent, use_bin_type=True)
+                    )
                     size = len(body) + (sizes[i] if sizes else 0)
                     if self.total_bytes + size > self.max_bytes and not self._make_room(
                         ev.kind, size, delta
