@@ -82,6 +82,34 @@ async def _no_control(op: str, args: object, peer: object) -> None:
     return None
 
 
+async def test_stop_during_a_push_keeps_every_taken_event(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """SIGTERM while the coalescer's push waits on a full channel: whatever was taken from
+    the coalescer still reaches the channel (the last push at shutdown), none is lost."""
+    send, recv = trio.open_memory_channel[Pending](1)
+    server = Server(Path("/nonexistent"), send, _no_control, coalesce_interval=lambda: 2.0)
+    assert server.coalescer is not None
+    for job in range(10):
+        server.coalescer.add(make_event(Kind.STATS, job_id=f"job-{job}", executions=job))
+    nursery.start_soon(server._coalesce_loop)
+    await trio.sleep(3.0)  # the push took all 10 and waits on the full channel
+    assert len(server.coalescer) == 0
+    server.stop()  # cancels the push mid-way
+    await trio.sleep(1.0)
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for item in recv:
+            got.append(item.event.job_id)
+
+    nursery.start_soon(consume)
+    await server._push_coalesced()  # what serve() does once the listener is closed
+    await trio.sleep(1.0)
+    assert sorted(got) == sorted(f"job-{job}" for job in range(10))
+    assert server.budget.used == 10 * 4096  # each event carries its share to the commit
+
+
 async def test_daemon_coalesces_stats_and_coverage(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> None:

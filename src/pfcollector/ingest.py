@@ -28,6 +28,7 @@ import trio
 from .bugs import DedupeMode, crash_key, dedupe_mode
 from .events import Event, Kind
 from .inputs import InputStore
+from .membudget import Reservation
 from .spool import Spool
 
 __all__ = [
@@ -123,6 +124,8 @@ class Pending:
     input: bytes | list[bytes] | None
     tracker: AckTracker
     seq: int
+    #: The memory budget this event holds until its group is stored.
+    hold: Reservation | None = None
 
 
 class GroupCommitter:
@@ -176,6 +179,7 @@ class GroupCommitter:
             self.failing = failure[0]
             for item in group:
                 item.tracker.settle(item.seq, failure)
+            _release(group)
             return
         if self.failing is not None:
             log.warning("spool writes work again (after %s)", self.failing)
@@ -194,6 +198,7 @@ class GroupCommitter:
                 item.tracker.settle(item.seq, None)
             else:
                 item.tracker.settle(item.seq, (result, _REFUSALS.get(result, result)))
+        _release(group)
         for callback in self._listeners:
             callback()
 
@@ -283,6 +288,13 @@ class InputWriter:
                 log.warning("crash input files are written again")
                 backoff = 0.0
             self.written += len(batch)
+
+
+def _release(group: list[Pending]) -> None:
+    """The group is written (or refused): the memory its events held is free."""
+    for item in group:
+        if item.hold is not None:
+            item.hold.release()
 
 
 def _write_failure(exc: BaseException) -> tuple[str, str]:
