@@ -36,6 +36,7 @@ from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, InputWriter, Pending
 from .inputs import InputStore
 from .logs import set_level
 from .master import RegisterError
+from .membudget import MemoryBudget
 from .metrics import serve_metrics
 from .pipeline import BATCH_QUEUE_SIZE, BatchPolicy, Pipeline
 from .private import create_private_file, make_private_dir
@@ -68,9 +69,11 @@ class Daemon:
         self.spool = open_spool(config.spool_path, config.spool_max_bytes)
         self.inputs = InputStore(config.inputs_dir)
         self.inputs.clean()
+        #: Everything held in memory, in bytes: readers, channel, group, window, writer.
+        self.budget = MemoryBudget(config.memory_budget)
         self.ingest_send, self.ingest_recv = trio.open_memory_channel[Pending](INGEST_QUEUE_SIZE)
         self.committer = GroupCommitter(self.spool, self.inputs, crash_dedupe=config.crash_dedupe)
-        self.input_writer = InputWriter(self.spool, self.inputs)
+        self.input_writer = InputWriter(self.spool, self.inputs, self.budget)
         self.committer.on_commit(self.input_writer.notify)
         self.access = Access.of(config.admins)  # who may tune, flush, see everything
         self.policy = BatchPolicy(config.batch_size, config.batch_bytes, config.flush_interval)
@@ -90,9 +93,14 @@ class Daemon:
                 allowed_gids=config.allowed_gids,
             ),
             coalesce_interval=(lambda: self.policy.flush_interval) if config.coalesce else None,
+            budget=self.budget,
         )
         self.pipeline = Pipeline(
-            self.spool, self.policy, retry_base=config.retry_base, retry_cap=config.retry_cap
+            self.spool,
+            self.policy,
+            retry_base=config.retry_base,
+            retry_cap=config.retry_cap,
+            budget=self.budget,
         )
         self.sender: Sender | None = None
         self.bot_id = config.bot_id
@@ -377,6 +385,7 @@ class Daemon:
             },
             "errors": dict(stats.errors),
             "queue": {"depth": queue.current_buffer_used, "capacity": INGEST_QUEUE_SIZE},
+            "memory": self.budget.snapshot(),
             "spool": {
                 "path": str(self.config.spool_path),
                 "events": self.spool.total_count,

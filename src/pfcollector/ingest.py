@@ -28,7 +28,7 @@ import trio
 from .bugs import DedupeMode, crash_key, dedupe_mode
 from .events import Event, Kind
 from .inputs import InputStore
-from .membudget import Reservation
+from .membudget import MemoryBudget, Reservation
 from .spool import Spool
 
 __all__ = [
@@ -255,11 +255,16 @@ class InputWriter:
         stay in the spool meanwhile, so nothing is lost.
     """
 
-    def __init__(self, spool: Spool, inputs: InputStore) -> None:
+    def __init__(
+        self, spool: Spool, inputs: InputStore, budget: MemoryBudget | None = None
+    ) -> None:
         self.spool = spool
         self.inputs = inputs
         self.written = 0
         self._wake = trio.Event()
+        # A batch holds an eighth of the memory budget at most (one input past it).
+        self._batch = Reservation(budget or MemoryBudget())
+        self._batch_bytes = max(1, self._batch.budget.capacity // 8)
 
     def notify(self) -> None:
         """New inputs were committed."""
@@ -270,14 +275,24 @@ class InputWriter:
         backoff = 0.0
         while True:
             try:
-                batch = await trio.to_thread.run_sync(self.spool.pending_inputs)
+                await self._batch.ensure(self._batch_bytes)
+                batch = await trio.to_thread.run_sync(
+                    self.spool.pending_inputs, self._batch_bytes
+                )
+                total = sum(len(data) for _, data in batch)
+                self._batch.shrink(total)
+                self._batch.grow(total - self._batch.held)
                 if not batch:
                     await self._wake.wait()
                     self._wake = trio.Event()
                     continue
                 await trio.to_thread.run_sync(self.inputs.write, batch)
                 await trio.to_thread.run_sync(self.spool.drop_inputs, [sha for sha, _ in batch])
+                written, batch = len(batch), []
+                self._batch.release()
             except (OSError, sqlite3.Error) as exc:  # a full disk: files or spool
+                batch = []
+                self._batch.release()
                 if not backoff:
                     log.error("cannot write crash input files (%s); their bytes stay in the "
                               "spool and are written when it works", exc)  # fmt: skip
@@ -287,7 +302,7 @@ class InputWriter:
             if backoff:
                 log.warning("crash input files are written again")
                 backoff = 0.0
-            self.written += len(batch)
+            self.written += written
 
 
 def _release(group: list[Pending]) -> None:
