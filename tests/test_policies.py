@@ -113,7 +113,7 @@ async def test_stop_during_a_push_keeps_every_taken_event(
 async def test_daemon_coalesces_stats_and_coverage(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> None:
-    daemon = await start_daemon(nursery, make_config(flush_interval=0.2))
+    daemon = await start_daemon(nursery, make_config(flush_interval=2.0))  # > the exchange
     client = await RawClient.connect(daemon.config.socket_path)
     await client.hello()
     events = [event(s, Kind.STATS, executions=s) for s in range(1, 1001)]
@@ -265,3 +265,16 @@ async def test_job_id_per_event_cannot_grow_memory(
     assert len(coalescer) + daemon.spool.total_count == 200  # nothing dropped
     await client.aclose()
     daemon.stop()
+
+
+def test_the_daemon_sends_coalesced_kinds_as_soon_as_they_are_spooled(
+    make_config: Callable[..., Config],
+) -> None:
+    """They waited one flush interval in the coalescer already (test_pipeline.py measures it)."""
+    from pfcollector.daemon import Daemon
+    from pfcollector.policies import COALESCED_KINDS
+
+    for coalesce, prompt in ((True, COALESCED_KINDS), (False, frozenset())):
+        daemon = Daemon(make_config(coalesce=coalesce))
+        assert daemon.pipeline.prompt_kinds == prompt
+        daemon.spool.close()

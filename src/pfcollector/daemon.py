@@ -39,6 +39,7 @@ from .master import RegisterError
 from .membudget import MemoryBudget
 from .metrics import serve_metrics
 from .pipeline import BATCH_QUEUE_SIZE, BatchPolicy, Pipeline
+from .policies import COALESCED_KINDS
 from .private import create_private_file, make_private_dir
 from .redact import redact_tree
 from .sender import Batch, RetryPolicy, Sender, TransientError
@@ -101,6 +102,7 @@ class Daemon:
             retry_base=config.retry_base,
             retry_cap=config.retry_cap,
             budget=self.budget,
+            prompt_kinds=COALESCED_KINDS if config.coalesce else frozenset(),
         )
         self.sender: Sender | None = None
         self.bot_id = config.bot_id

@@ -78,12 +78,16 @@ class Pipeline:
         max_held: int = MAX_HELD,
         offload: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
         budget: MemoryBudget | None = None,
+        prompt_kinds: frozenset[Kind] = frozenset(),
     ) -> None:
         self.spool = spool
         self.policy = policy
         self.retry_base = retry_base
         self.retry_cap = retry_cap
         self.max_held = max_held
+        #: Kinds sent as soon as they are read: stats and coverage when the server coalesces
+        #: them, since they already waited one interval there (flush_interval end to end).
+        self.prompt_kinds = prompt_kinds
         # How blocking spool calls run: a worker thread in the daemon; tests under the
         # autojump clock run them inline so virtual time cannot jump during a query.
         self._offload = offload
@@ -256,8 +260,9 @@ class Pipeline:
         policy = self.policy
         for key in list(self._groups):
             group = self._groups[key]
+            prompt = self._flush_all or key[0] in self.prompt_kinds
             while group.items and (
-                self._flush_all or policy.due(len(group.items), group.nbytes, group.since, now)
+                prompt or policy.due(len(group.items), group.nbytes, group.since, now)
             ):
                 take, nbytes = 0, 0
                 for item in group.items:
