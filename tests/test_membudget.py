@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from pfcollector.membudget import MemoryBudget, Reservation
-from pfcollector.reader import FrameClock, FrameHead, read_size
+from pfcollector.reader import FrameClock, _Connection, read_size
 from pfcollector.server import Limits
 
 
@@ -110,18 +110,13 @@ def test_frame_clock_counts_only_socket_waits() -> None:
     assert clock.error()[0] == "idle_timeout"
 
 
-def test_frame_head_follows_the_partial_frame() -> None:
-    head = FrameHead()
-    head.update(b"\x00\x00\x01\x00abc", 7, new_frame=True)
-    assert head.frame_total == 4 + 256
-    head.update(b"x" * 100, 107, new_frame=False)  # same frame continues
-    assert head.frame_total == 260
-    head.update(b"rest\x00\x00", 2, new_frame=True)  # next frame: prefix split over reads
-    assert head.frame_total == 0
-    head.update(b"\x10\x00zz", 6, new_frame=False)
-    assert head.frame_total == 4 + 0x1000
-    head.update(b"", 0, new_frame=True)
-    assert head.frame_total == 0
+def test_the_reader_knows_the_size_of_the_frame_it_receives() -> None:
+    conn = _Connection(max_frame=1 << 20)
+    assert conn.frame_total == 0
+    conn.receive_data(b"\x00\x00")
+    assert conn.frame_total == 0  # the prefix is split over reads
+    conn.receive_data(b"\x10\x00zz")
+    assert conn.frame_total == 4 + 0x1000
 
 
 def test_read_size_fits_a_quarter_of_the_budget() -> None:

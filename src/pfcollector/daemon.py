@@ -36,7 +36,7 @@ from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, InputWriter, Pending
 from .inputs import InputStore
 from .logs import set_level
 from .master import RegisterError
-from .membudget import MemoryBudget
+from .membudget import MemoryBudget, tune_allocator
 from .metrics import serve_metrics
 from .pipeline import BATCH_QUEUE_SIZE, BatchPolicy, Pipeline
 from .policies import COALESCED_KINDS
@@ -72,6 +72,7 @@ class Daemon:
         self.inputs.clean()
         #: Everything held in memory, in bytes: readers, channel, group, window, writer.
         self.budget = MemoryBudget(config.memory_budget)
+        tune_allocator()
         self.ingest_send, self.ingest_recv = trio.open_memory_channel[Pending](INGEST_QUEUE_SIZE)
         self.committer = GroupCommitter(self.spool, self.inputs, crash_dedupe=config.crash_dedupe)
         self.input_writer = InputWriter(self.spool, self.inputs, self.budget)

@@ -165,6 +165,7 @@ class GroupCommitter:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await self.commit(group)
+                del group, first  # their bytes are free in the budget: free them in memory too
 
     async def commit(self, group: list[Pending]) -> None:
         """Write one group durably, then settle every event in it."""

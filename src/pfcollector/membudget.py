@@ -22,17 +22,42 @@ waiters) is plain logic; only :meth:`MemoryBudget.acquire` touches trio.
 
 from __future__ import annotations
 
+import ctypes
 from collections import deque
 from typing import Any
 
 import trio
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "MIN_MEMORY_BUDGET", "MemoryBudget", "Reservation"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "MIN_MEMORY_BUDGET",
+    "MemoryBudget",
+    "Reservation",
+    "tune_allocator",
+]
 
 #: The default ``memory_budget``: 256 MiB.
 DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
 #: The smallest ``memory_budget`` accepted: 16 MiB.
 MIN_MEMORY_BUDGET = 16 * 1024 * 1024
+
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def tune_allocator() -> bool:
+    """Make freed big buffers go back to the system (glibc only; False elsewhere).
+
+    glibc raises its mmap threshold each time a large block is freed, after which frames and
+    inputs of a few MiB come from the heap, where freed holes stay resident: the RSS then
+    keeps every peak. A fixed threshold (128 KiB) and two arenas keep it near what is held.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 128 * 1024)) and bool(mallopt(_M_ARENA_MAX, 2))
 
 
 class _Waiter:

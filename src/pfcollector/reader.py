@@ -37,7 +37,7 @@ from .protocol import (
 if TYPE_CHECKING:
     from .server import ConnectionInfo, Limits, Server
 
-__all__ = ["EVENT_OVERHEAD", "READ_SIZE", "FrameClock", "FrameHead", "read_connection"]
+__all__ = ["EVENT_OVERHEAD", "READ_SIZE", "FrameClock", "read_connection", "read_size"]
 
 #: Bytes asked of the socket per read (less when the budget is small: :func:`read_size`).
 READ_SIZE = 256 * 1024
@@ -90,32 +90,18 @@ class FrameClock:
         )
 
 
-class FrameHead:
-    """The length prefix of the partial frame at the end of a connection's buffer. Pure logic.
+class _Connection(ServerConnection):
+    """The protocol's connection, telling the size of the frame it is receiving.
 
     Knowing the frame's size before its body arrives lets the reader reserve the whole frame
     at once: a connection either holds room for its frame or waits before buffering it.
     """
 
-    def __init__(self) -> None:
-        self._head = b""
-
-    def update(self, data: bytes, pending: int, *, new_frame: bool) -> None:
-        """After a read of ``data``: ``pending`` bytes of an incomplete frame are buffered."""
-        if not pending:
-            self._head = b""
-        elif new_frame or pending <= len(data):
-            start = len(data) - pending
-            self._head = data[start : start + HEADER_SIZE]
-        elif len(self._head) < HEADER_SIZE:
-            self._head += data[: HEADER_SIZE - len(self._head)]
-
     @property
     def frame_total(self) -> int:
-        """Bytes of the whole partial frame with its prefix (0 until the prefix is known)."""
-        if len(self._head) < HEADER_SIZE:
-            return 0
-        return HEADER_SIZE + int.from_bytes(self._head[:HEADER_SIZE], "big")
+        """Bytes of the frame being received, prefix included (0 until the prefix is here)."""
+        buf = self._buf
+        return HEADER_SIZE + int.from_bytes(buf[:HEADER_SIZE], "big") if len(buf) >= 4 else 0
 
 
 def read_size(capacity: int, max_connections: int) -> int:
@@ -132,17 +118,21 @@ async def read_connection(
 ) -> bool:
     """Read and dispatch until EOF (False) or a fatal error was sent (True)."""
     limits = server.limits
-    conn = ServerConnection(max_frame=server.max_frame)
+    conn = _Connection(max_frame=server.max_frame)
     budget = server.budget
     chunk = read_size(budget.capacity, limits.max_connections)
+    # One read's worth is granted without waiting (all connections' together fit in a quarter
+    # of the budget: read_size), so a control request or a small event is never queued behind
+    # big frames waiting for room.
     reserved = Reservation(budget)
-    clock, head = FrameClock(limits), FrameHead()
+    reserved.grow(chunk)
+    clock = FrameClock(limits)
     tokens, refilled = limits.rate_limit, trio.current_time()
     try:
         while True:
-            # Room for what is buffered, the rest of the frame (at most half the budget, so
-            # that a frame larger than the budget still gets through), and one more read.
-            frame = min(head.frame_total, budget.capacity // 2)
+            # Room for what is buffered, the rest of the frame (at most a quarter of the
+            # budget, so that a frame larger than the budget still gets through), and one read.
+            frame = min(conn.frame_total, budget.capacity // 4)
             await reserved.ensure(max(conn.pending_bytes, frame) + chunk)  # not charged
             started = trio.current_time()
             data = None
@@ -154,6 +144,7 @@ async def read_connection(
                 return True
             waited = trio.current_time() - started
             conn.receive_data(data)
+            eof, data = not data, b""  # buffered now: do not hold a second copy while waiting
             completed = False
             while True:
                 before = conn.pending_bytes
@@ -195,11 +186,9 @@ async def read_connection(
                     await server._welcome(msg, info, send)
                 elif isinstance(msg, Control):
                     await send(await server._answer(msg, info))
-            if not data:
+            if eof:
                 return False
-            pending = conn.pending_bytes
-            head.update(data, pending, new_frame=completed)
-            clock.received(waited, partial=bool(pending), new_frame=completed)
+            clock.received(waited, partial=bool(conn.pending_bytes), new_frame=completed)
     finally:
         reserved.release()
 
