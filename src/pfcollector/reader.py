@@ -130,10 +130,12 @@ async def read_connection(
     tokens, refilled = limits.rate_limit, trio.current_time()
     try:
         while True:
-            # Room for what is buffered, the rest of the frame (at most a quarter of the
-            # budget, so that a frame larger than the budget still gets through), and one read.
-            frame = min(conn.frame_total, budget.capacity // 4)
-            await reserved.ensure(max(conn.pending_bytes, frame) + chunk)  # not charged
+            # Room for the whole frame being received (what is buffered of it is less) and
+            # one more read, asked once per frame: a reader never holds part of a frame while
+            # waiting for more, so readers cannot deadlock on each other. A frame larger than
+            # a quarter of the budget is counted as a quarter (it still gets through).
+            frame = min(conn.frame_total or conn.pending_bytes, budget.capacity // 4)
+            await reserved.ensure(frame + chunk)  # not charged to the client
             started = trio.current_time()
             data = None
             with trio.move_on_at(clock.deadline(started)):
@@ -177,11 +179,8 @@ async def read_connection(
                             ), fatal=True))  # fmt: skip
                             return True
                         tokens -= 1
-                    event, kept = server._event(msg, conn, info)
-                    if not server._coalesce(event, msg.seq, tracker):  # no await per snapshot
-                        cost = before - conn.pending_bytes + EVENT_OVERHEAD
-                        await server._spool_event(event, kept, msg.seq, tracker,
-                                                 reserved.split(cost))  # fmt: skip
+                    cost = before - conn.pending_bytes + EVENT_OVERHEAD
+                    await _dispatch(server, msg, conn, info, tracker, reserved, cost)
                 elif isinstance(msg, Hello):
                     await server._welcome(msg, info, send)
                 elif isinstance(msg, Control):
@@ -191,6 +190,23 @@ async def read_connection(
             clock.received(waited, partial=bool(conn.pending_bytes), new_frame=completed)
     finally:
         reserved.release()
+
+
+async def _dispatch(
+    server: Server,
+    msg: EventMsg,
+    conn: ServerConnection,
+    info: ConnectionInfo,
+    tracker: AckTracker,
+    reserved: Reservation,
+    cost: int,
+) -> None:
+    """Coalesce or spool one event. A function of its own so that the reader, waiting for
+    its next read, keeps no reference to the event's bytes (they belong to the budget of the
+    group commit, which frees them)."""
+    event, kept = server._event(msg, conn, info)
+    if not server._coalesce(event, msg.seq, tracker):  # no await per snapshot
+        await server._spool_event(event, kept, msg.seq, tracker, reserved.split(cost))
 
 
 def _kind_of(exc: MessageError) -> str:
