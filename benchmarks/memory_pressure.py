@@ -52,7 +52,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "stall_s": 4.0,
         "loads": {
             "crash1m": {"connections": 64, "events": 2, "crash": 1 * MIB, "corpus": 256 * 1024},
-            "crash10m": {"connections": 64, "events": 1, "crash": 10 * MIB, "corpus": 0},
+            "crash10m": {"connections": 16, "events": 1, "crash": 10 * MIB, "corpus": 0},
         },
     },
     "full": {

@@ -72,6 +72,10 @@ class Daemon:
         self.inputs.clean()
         #: Everything held in memory, in bytes: readers, channel, group, window, writer.
         self.budget = MemoryBudget(config.memory_budget)
+        # SQLite copies an input while the group commit writes it (the bound value, then its
+        # record) and while the input writer reads it back: held aside for good, so readers
+        # leave room for them.
+        self.budget.force(min(2 * config.max_frame, config.memory_budget // 4))
         tune_allocator()
         self.ingest_send, self.ingest_recv = trio.open_memory_channel[Pending](INGEST_QUEUE_SIZE)
         self.committer = GroupCommitter(self.spool, self.inputs, crash_dedupe=config.crash_dedupe)
