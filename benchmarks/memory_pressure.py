@@ -14,7 +14,7 @@ acknowledged (and be in the spool) or refused with a non-fatal error naming why 
 waited out SQLite's busy timeout is refused with ``spool_write_failed``); a fatal error, a
 disconnect or an event neither acked nor refused fails the run (exit 1).
 
-``--quick`` (CI, through ``run.py --quick``): a 32 MiB budget and fewer events, same checks.
+``--quick`` (CI, through ``run.py --quick``): a 48 MiB budget and fewer events, same checks.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ SLACK_MIB = 100
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {
-        "budget_mib": 32,
+        "budget_mib": 48,
         "stall_s": 4.0,
         "loads": {
             "crash1m": {"connections": 64, "events": 2, "crash": 1 * MIB, "corpus": 256 * 1024},
