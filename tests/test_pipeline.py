@@ -16,6 +16,7 @@ import trio
 
 from pfcollector.events import Kind
 from pfcollector.ingest import Pending
+from pfcollector.membudget import MemoryBudget
 from pfcollector.pipeline import BatchPolicy, Pipeline
 from pfcollector.policies import COALESCED_KINDS
 from pfcollector.sender import Batch, DeliveryResult
@@ -252,3 +253,27 @@ async def test_a_coalesced_snapshot_reaches_the_master_within_one_flush_interval
 
 async def _no_control(op: str, args: object, peer: object) -> None:
     return None
+
+
+async def test_the_window_holds_a_quarter_of_the_memory_budget(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """With the master stuck, the pipeline reads from the spool only up to its share of the
+    budget (a quarter); the rest waits on disk, and the producers keep the other three."""
+    budget = MemoryBudget(16 * 1024 * 1024)
+    spool = Spool(tmp_path / "s.db")
+    spool.append([make_event(Kind.CRASH, output="x" * 60_000) for _ in range(400)])  # 24 MB
+
+    async def stuck(batch: Batch) -> DeliveryResult:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    pipeline = Pipeline(spool, BatchPolicy(), offload=inline, budget=budget)
+    send, recv = trio.open_memory_channel[Batch](1)
+    nursery.start_soon(pipeline.run, send)
+    nursery.start_soon(pipeline.deliver, recv, stuck)
+    await trio.sleep(60)
+    status = pipeline.status()
+    assert 0 < status["held_bytes"] <= budget.capacity // 4 + 61_000
+    assert status["held"] < 400
+    assert budget.used == status["held_bytes"]

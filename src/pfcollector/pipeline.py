@@ -99,7 +99,7 @@ class Pipeline:
         # master that is down never starves the producers (the rest waits on disk).
         self._budget = budget
         self._window = Reservation(budget or MemoryBudget())
-        self._mean_cost = 2048  # of the last chunk read: sizes the next one to the share
+        self._mean_cost = 64 * 1024  # of the last chunk read (first: a guess on the big side)
         self._retry: list[tuple[float, int, Spooled]] = []
         self._tiebreak = itertools.count()
         self._wake = trio.Event()
