@@ -8,6 +8,8 @@ b. durable crashes (1 KiB inputs): crashes/s flat out, and p50/p99 send-to-ack l
    target rate;
 c. end to end: results/s delivered to the reference master, batch mode next to item mode;
 d. memory: the daemon's peak RSS while events arrive with the master down, nothing lost;
+   and under pressure (``memory_pressure.py``): 64 producers of 1 MiB and 10 MiB inputs
+   against a stalled spool, peak RSS within ``memory_budget + 100 MiB``;
 e. profile: py-spy's top frames of the daemon under ingest and durable crash load (skipped,
    with a note, when py-spy is not installed).
 
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h
 from _profile import top_frames
+from memory_pressure import bench_pressure
 
 CLIENTS = 8
 DURABLE = ("crash", "corpus")  # kinds the daemon must store, one row per event sent
@@ -346,6 +349,15 @@ def _table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append((f"d. peak RSS, {mem['events']:,} events, master down",
                      f"{mem['peak_rss_mb']} MB", f"spooled {mem['spooled_by_kind']}",
                      f"<= {TARGETS['peak_rss_mb']} MB"))  # fmt: skip
+    pressure = results.get("pressure", {})
+    for name in ("crash1m", "crash10m"):
+        if name in pressure:
+            r = pressure[name]
+            rows.append((f"d. peak RSS under pressure, {r['connections']} x "
+                         f"{r['crash_bytes'] // 1048576} MiB inputs, spool stalled",
+                         f"{r['peak_rss_mib']} MiB",
+                         f"memory_budget {r['memory_budget_mib']} MiB, sent {r['sent_mib']} MiB",
+                         f"<= {r['bound_mib']} MiB"))  # fmt: skip
     return rows
 
 
@@ -356,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument(
         "--only",
-        default="ingest,durable,e2e,memory,profile",
-        help="comma-separated subset of ingest,durable,e2e,memory,profile",
+        default="ingest,durable,e2e,memory,pressure,profile",
+        help="comma-separated subset of ingest,durable,e2e,memory,pressure,profile",
     )
     p.add_argument(
         "--src",
@@ -392,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "durable": lambda: bench_durable(root, size),
         "e2e": lambda: bench_e2e(root, size, args.quick),
         "memory": lambda: bench_memory(root, size),
+        "pressure": lambda: bench_pressure(root, args.quick),
         "profile": lambda: bench_profile(root, size),
     }
     failed = None

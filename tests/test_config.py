@@ -227,3 +227,16 @@ def test_empty_variables_count_as_unset(tmp_path: Path) -> None:
     assert str(loaded.config.socket_path) != "."
     assert loaded.config.batch_size == 100
     assert loaded.sources["batch_size"] == "default"
+
+
+def test_memory_budget_from_file_env_and_flag(tmp_path: Path) -> None:
+    assert Config().memory_budget == 256 * 1024 * 1024  # the documented default
+    file = write(tmp_path / "pf.toml", "memory_budget = 100_000_000\n")
+    assert load(config_file=file).config.memory_budget == 100_000_000
+    env = {"PFCOLLECTOR_MEMORY_BUDGET": "64_000_000"}
+    assert load(env=env, config_file=file).config.memory_budget == 64_000_000
+    result = runner.invoke(app, ["config", "show", "--memory-budget", "50000000"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "memory_budget = 50000000" in result.output and "# flag" in result.output
+    with pytest.raises(ConfigError, match="memory_budget"):
+        Config(memory_budget=1024)

@@ -10,6 +10,7 @@ import contextlib
 import os
 import struct
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,9 @@ import trio
 
 from pfcollector.config import Config, ConfigError
 from pfcollector.events import Kind
+from pfcollector.ingest import Pending
 from pfcollector.protocol import Ack, ErrorMsg, Welcome
+from pfcollector.server import Limits, Server
 
 from .conftest import start_daemon
 from .wire import RawClient, event
@@ -196,3 +199,52 @@ def test_limit_settings_are_validated(make_config: Callable[..., Config]) -> Non
         make_config(socket_group="no-such-group-pf")
     with pytest.raises(ConfigError, match="idle_timeout"):
         make_config(idle_timeout=-1)
+
+
+async def _no_control(op: str, args: object, peer: object) -> None:
+    return None
+
+
+async def test_backpressure_is_never_punished_as_a_slow_sender(
+    sock_dir: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The daemon holds a producer back (its ingest channel is full) for 3x the slow-sender
+    timeout while frames span several reads; the producer writes all along and is never
+    disconnected. Then a producer that really stalls mid-frame still is."""
+    send, recv = trio.open_memory_channel[Pending](1)
+    limits = Limits(slow_sender_timeout=5.0, idle_timeout=0)
+    server = Server(sock_dir / "bp.sock", send, _no_control, limits=limits)
+    await nursery.start(server.serve)
+    client = await RawClient.connect(sock_dir / "bp.sock")
+    assert isinstance(await client.hello(), Welcome)
+    big = [event(seq, Kind.CRASH, input=bytes([seq]) * 300_000) for seq in range(1, 21)]
+
+    async def produce() -> None:
+        for ev in big:  # frames larger than one read: each spans reads
+            await client.send(ev)
+
+    nursery.start_soon(produce)
+    await trio.sleep(3 * limits.slow_sender_timeout)  # the daemon does not take events
+    assert server.budget.waiting + send.statistics().tasks_waiting_send > 0  # held back
+
+    async def commit() -> None:
+        async for item in recv:
+            item.tracker.settle(item.seq, None)
+            if item.hold is not None:
+                item.hold.release()
+            await trio.sleep(1.0)  # a slow spool: the producer stays held back
+
+    nursery.start_soon(commit)
+    with trio.fail_after(300):
+        while True:
+            msg = await client.recv()
+            assert not isinstance(msg, ErrorMsg), msg
+            if isinstance(msg, Ack) and msg.seq == big[-1].seq:
+                break
+    assert server.stats.errors["slow_sender"] == 0
+    # A real stall mid-frame: half a frame, then nothing.
+    await client.send_raw(struct.pack(">I", 100) + b"\x85" + b"\xa1t" * 10)
+    error = await fatal_error(client)
+    assert error.code == "slow_sender"
+    await client.aclose()
+    server.stop()

@@ -81,6 +81,8 @@ async def test_local_daemon_scrape(
     assert got["pfcollector_dead_letters", (("kind", "crash"),)] == 0
     assert got["pfcollector_dedupe_hits_total", (("kind", "crash"),)] == 0
     assert got["pfcollector_connections_accepted_total", ()] >= 1
+    assert got["pfcollector_memory_bytes", (("state", "budget"),)] == 256 * 1024 * 1024
+    assert got["pfcollector_memory_bytes", (("state", "used"),)] >= 0
     assert ("pfcollector_breaker_state", ()) not in got  # local mode: no breaker
     assert got["pfcollector_build_info", (("mode", "local"), ("version", "0.1.0"))] == 1
     assert (await scrape(port, "/nope")).status_code == 404

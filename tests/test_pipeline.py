@@ -15,8 +15,12 @@ import pytest
 import trio
 
 from pfcollector.events import Kind
+from pfcollector.ingest import Pending
+from pfcollector.membudget import MemoryBudget
 from pfcollector.pipeline import BatchPolicy, Pipeline
+from pfcollector.policies import COALESCED_KINDS
 from pfcollector.sender import Batch, DeliveryResult
+from pfcollector.server import Server
 from pfcollector.spool import Spool
 
 from .conftest import make_event
@@ -206,3 +210,70 @@ async def test_wait_idle_returns_when_everything_is_delivered(
     with trio.fail_after(5):  # far less than the 60 s flush interval
         await pipeline.wait_idle()
     assert spool.total_count == 0
+
+
+async def test_a_coalesced_snapshot_reaches_the_master_within_one_flush_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Default settings: the server coalesces stats for one flush interval, the group commit
+    stores the push, and the pipeline sends it at once rather than waiting another interval.
+    Every snapshot (or a later one of its key) is at the master within flush_interval + 1 s."""
+    policy = BatchPolicy()  # the defaults: flush_interval 10 s
+    spool = Spool(tmp_path / "s.db")
+    master = Master()
+    pipeline = await run_pipeline(spool, master, policy, nursery, prompt_kinds=COALESCED_KINDS)
+    ingest_send, ingest_recv = trio.open_memory_channel[Pending](16)
+    server = Server(
+        Path("/nonexistent"),
+        ingest_send,
+        _no_control,
+        coalesce_interval=lambda: policy.flush_interval,
+    )
+    assert server.coalescer is not None
+
+    async def commit() -> None:  # the group commit, inline
+        async for item in ingest_recv:
+            spool.append([item.event])
+            pipeline.notify()
+
+    nursery.start_soon(commit)
+    nursery.start_soon(server._coalesce_loop)
+    sent: list[tuple[float, int]] = []
+    for n, gap in enumerate([0.3, 2.0, 9.5, 0.1, 13.0, 4.4, 7.7], start=1):
+        await trio.sleep(gap)
+        server.coalescer.add(make_event(Kind.STATS, executions=n))
+        sent.append((trio.current_time(), n))
+    await trio.sleep(2 * policy.flush_interval)
+    seen = [(at, int(e.fields["executions"])) for at, b in master.seen for e in b.events]
+    for at, n in sent:
+        first = min(t for t, m in seen if m >= n)  # this snapshot or one that supersedes it
+        assert first - at <= policy.flush_interval + 1.0, (n, first - at)
+    server.stop()
+
+
+async def _no_control(op: str, args: object, peer: object) -> None:
+    return None
+
+
+async def test_the_window_holds_a_quarter_of_the_memory_budget(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """With the master stuck, the pipeline reads from the spool only up to its share of the
+    budget (a quarter); the rest waits on disk, and the producers keep the other three."""
+    budget = MemoryBudget(16 * 1024 * 1024)
+    spool = Spool(tmp_path / "s.db")
+    spool.append([make_event(Kind.CRASH, output="x" * 60_000) for _ in range(400)])  # 24 MB
+
+    async def stuck(batch: Batch) -> DeliveryResult:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    pipeline = Pipeline(spool, BatchPolicy(), offload=inline, budget=budget)
+    send, recv = trio.open_memory_channel[Batch](1)
+    nursery.start_soon(pipeline.run, send)
+    nursery.start_soon(pipeline.deliver, recv, stuck)
+    await trio.sleep(60)
+    status = pipeline.status()
+    assert 0 < status["held_bytes"] <= budget.capacity // 4 + 61_000
+    assert status["held"] < 400
+    assert budget.used == status["held_bytes"]

@@ -105,10 +105,38 @@ async def _no_control(op: str, args: object, peer: object) -> None:
     return None
 
 
+async def test_stop_during_a_push_keeps_every_taken_event(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """SIGTERM while the coalescer's push waits on a full channel: whatever was taken from
+    the coalescer still reaches the channel (the last push at shutdown), none is lost."""
+    send, recv = trio.open_memory_channel[Pending](1)
+    server = Server(Path("/nonexistent"), send, _no_control, coalesce_interval=lambda: 2.0)
+    assert server.coalescer is not None
+    for job in range(10):
+        server.coalescer.add(make_event(Kind.STATS, job_id=f"job-{job}", executions=job))
+    nursery.start_soon(server._coalesce_loop)
+    await trio.sleep(3.0)  # the push took all 10 and waits on the full channel
+    assert len(server.coalescer) == 0
+    server.stop()  # cancels the push mid-way
+    await trio.sleep(1.0)
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for item in recv:
+            got.append(item.event.job_id)
+
+    nursery.start_soon(consume)
+    await server._push_coalesced()  # what serve() does once the listener is closed
+    await trio.sleep(1.0)
+    assert sorted(got) == sorted(f"job-{job}" for job in range(10))
+    assert server.budget.used == 10 * 4096  # each event carries its share to the commit
+
+
 async def test_daemon_coalesces_stats_and_coverage(
     make_config: Callable[..., Config], nursery: trio.Nursery
 ) -> None:
-    daemon = await start_daemon(nursery, make_config(flush_interval=0.2))
+    daemon = await start_daemon(nursery, make_config(flush_interval=2.0))  # > the exchange
     client = await RawClient.connect(daemon.config.socket_path)
     await client.hello()
     events = [event(s, Kind.STATS, executions=s) for s in range(1, 1001)]
@@ -260,3 +288,17 @@ async def test_job_id_per_event_cannot_grow_memory(
     assert len(coalescer) + daemon.spool.total_count == 200  # nothing dropped
     await client.aclose()
     daemon.stop()
+
+
+def test_the_daemon_sends_coalesced_kinds_as_soon_as_they_are_spooled(
+    make_config: Callable[..., Config],
+) -> None:
+    """They waited one flush interval in the coalescer already (test_pipeline.py measures it)."""
+    from pfcollector.daemon import Daemon
+    from pfcollector.policies import COALESCED_KINDS
+
+    for coalesce, prompt in ((True, COALESCED_KINDS), (False, frozenset())):
+        daemon = Daemon(make_config(coalesce=coalesce))
+        assert daemon.pipeline.prompt_kinds == prompt
+        daemon.spool.close()
+        daemon._lock.release()  # the next Daemon takes the same data directory

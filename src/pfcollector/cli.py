@@ -141,6 +141,10 @@ def _setting_flags(
     max_connections: Annotated[
         int | None, _flag("--max-connections", help="Client connections at most [256]")
     ] = None,
+    memory_budget: Annotated[
+        int | None,
+        _flag("--memory-budget", help="Bytes held in memory at most, producers wait [256 MiB]"),
+    ] = None,
     senders: Annotated[int | None, _flag("--senders", help="Delivery workers [4]")] = None,
     retry_attempts: Annotated[
         int | None, _flag("--retry-attempts", help="Attempts per request [4]")

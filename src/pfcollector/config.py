@@ -131,6 +131,7 @@ class Config:
     flush_interval: float = 10.0
     max_frame: int = 16 * 1024 * 1024
     max_connections: int = 256
+    memory_budget: int = 256 * 1024 * 1024
     socket_mode: int = 0o660
     spool_max_bytes: int = 1024**3
     drain_deadline: float = 30.0
@@ -190,6 +191,7 @@ class Config:
         at_least("flush_interval", self.flush_interval, MIN_FLUSH_INTERVAL, 3600.0)
         at_least("max_frame", self.max_frame, 1024, 64 * 1024 * 1024)
         at_least("max_connections", self.max_connections, 1, 65_536)
+        at_least("memory_budget", self.memory_budget, 16 * 1024 * 1024, 2**40)
         at_least("spool_max_bytes", self.spool_max_bytes, 1024 * 1024, 2**50)
         at_least("drain_deadline", self.drain_deadline, 0.0, 3600.0)
         at_least("retry_attempts", self.retry_attempts, 1, 100)

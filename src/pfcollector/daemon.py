@@ -37,8 +37,10 @@ from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, InputWriter, Pending
 from .inputs import InputStore
 from .logs import set_level
 from .master import RegisterError
+from .membudget import MemoryBudget, tune_allocator
 from .metrics import serve_metrics
 from .pipeline import BATCH_QUEUE_SIZE, BatchPolicy, Pipeline
+from .policies import COALESCED_KINDS
 from .private import create_private_file, make_private_dir
 from .redact import redact_tree
 from .sender import Batch, RetryPolicy, Sender, TransientError
@@ -75,9 +77,16 @@ class Daemon:
         except BaseException:
             self._lock.release()
             raise
+        #: Everything held in memory, in bytes: readers, channel, group, window, writer.
+        self.budget = MemoryBudget(config.memory_budget)
+        # SQLite copies an input while the group commit writes it (the bound value, then its
+        # record) and while the input writer reads it back: held aside for good, so readers
+        # leave room for them.
+        self.budget.force(min(2 * config.max_frame, config.memory_budget // 4))
+        tune_allocator()
         self.ingest_send, self.ingest_recv = trio.open_memory_channel[Pending](INGEST_QUEUE_SIZE)
         self.committer = GroupCommitter(self.spool, self.inputs, crash_dedupe=config.crash_dedupe)
-        self.input_writer = InputWriter(self.spool, self.inputs)
+        self.input_writer = InputWriter(self.spool, self.inputs, self.budget)
         self.committer.on_commit(self.input_writer.notify)
         self.access = Access.of(config.admins)  # who may tune, flush, see everything
         self.policy = BatchPolicy(config.batch_size, config.batch_bytes, config.flush_interval)
@@ -97,9 +106,15 @@ class Daemon:
                 allowed_gids=config.allowed_gids,
             ),
             coalesce_interval=(lambda: self.policy.flush_interval) if config.coalesce else None,
+            budget=self.budget,
         )
         self.pipeline = Pipeline(
-            self.spool, self.policy, retry_base=config.retry_base, retry_cap=config.retry_cap
+            self.spool,
+            self.policy,
+            retry_base=config.retry_base,
+            retry_cap=config.retry_cap,
+            budget=self.budget,
+            prompt_kinds=COALESCED_KINDS if config.coalesce else frozenset(),
         )
         self.sender: Sender | None = None
         self.bot_id = config.bot_id
@@ -447,6 +462,7 @@ class Daemon:
             },
             "errors": dict(stats.errors),
             "queue": {"depth": queue.current_buffer_used, "capacity": INGEST_QUEUE_SIZE},
+            "memory": self.budget.snapshot(),
             "spool": {
                 "path": str(self.config.spool_path),
                 "events": self.spool.total_count,

@@ -29,6 +29,7 @@ from .bugs import DedupeMode, crash_key, dedupe_mode
 from .events import Event, Kind
 from .idcheck import ID_CONFLICT, ID_CONFLICT_MESSAGE
 from .inputs import InputStore
+from .membudget import MemoryBudget, Reservation
 from .spool import Spool
 
 __all__ = [
@@ -124,6 +125,8 @@ class Pending:
     input: bytes | list[bytes] | None
     tracker: AckTracker
     seq: int
+    #: The memory budget this event holds until its group is stored.
+    hold: Reservation | None = None
 
 
 class GroupCommitter:
@@ -163,6 +166,7 @@ class GroupCommitter:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await self.commit(group)
+                del group, first  # their bytes are free in the budget: free them in memory too
 
     async def commit(self, group: list[Pending]) -> None:
         """Write one group durably, then settle every event in it."""
@@ -177,6 +181,7 @@ class GroupCommitter:
             self.failing = failure[0]
             for item in group:
                 item.tracker.settle(item.seq, failure)
+            _release(group)
             return
         if self.failing is not None:
             log.warning("spool writes work again (after %s)", self.failing)
@@ -195,6 +200,7 @@ class GroupCommitter:
                 item.tracker.settle(item.seq, None)
             else:
                 item.tracker.settle(item.seq, (result, _REFUSALS.get(result, result)))
+        _release(group)
         for callback in self._listeners:
             callback()
 
@@ -251,11 +257,16 @@ class InputWriter:
         stay in the spool meanwhile, so nothing is lost.
     """
 
-    def __init__(self, spool: Spool, inputs: InputStore) -> None:
+    def __init__(
+        self, spool: Spool, inputs: InputStore, budget: MemoryBudget | None = None
+    ) -> None:
         self.spool = spool
         self.inputs = inputs
         self.written = 0
         self._wake = trio.Event()
+        # A batch holds an eighth of the memory budget at most (one input past it).
+        self._batch = Reservation(budget or MemoryBudget())
+        self._batch_bytes = max(1, self._batch.budget.capacity // 8)
 
     def notify(self) -> None:
         """New inputs were committed."""
@@ -266,14 +277,24 @@ class InputWriter:
         backoff = 0.0
         while True:
             try:
-                batch = await trio.to_thread.run_sync(self.spool.pending_inputs)
+                await self._batch.ensure(self._batch_bytes)
+                batch = await trio.to_thread.run_sync(
+                    self.spool.pending_inputs, self._batch_bytes
+                )
+                total = sum(len(data) for _, data in batch)
+                self._batch.shrink(total)
+                self._batch.grow(total - self._batch.held)
                 if not batch:
                     await self._wake.wait()
                     self._wake = trio.Event()
                     continue
                 await trio.to_thread.run_sync(self.inputs.write, batch)
                 await trio.to_thread.run_sync(self.spool.drop_inputs, [sha for sha, _ in batch])
+                written, batch = len(batch), []
+                self._batch.release()
             except (OSError, sqlite3.Error) as exc:  # a full disk: files or spool
+                batch = []
+                self._batch.release()
                 if not backoff:
                     log.error("cannot write crash input files (%s); their bytes stay in the "
                               "spool and are written when it works", exc)  # fmt: skip
@@ -283,7 +304,14 @@ class InputWriter:
             if backoff:
                 log.warning("crash input files are written again")
                 backoff = 0.0
-            self.written += len(batch)
+            self.written += written
+
+
+def _release(group: list[Pending]) -> None:
+    """The group is written (or refused): the memory its events held is free."""
+    for item in group:
+        if item.hold is not None:
+            item.hold.release()
 
 
 def _write_failure(exc: BaseException) -> tuple[str, str]:

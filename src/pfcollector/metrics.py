@@ -261,6 +261,14 @@ def _ingest_families(s: Snapshot) -> Iterator[Metric]:
         "Events accepted and waiting for the spool's group commit.",
         value=queue.get("depth", 0),
     )
+    memory = GaugeMetricFamily(
+        "pfcollector_memory_bytes",
+        "Bytes held in memory (used) against the memory_budget setting (budget).",
+        labels=["state"],
+    )
+    for state in ("used", "budget"):
+        memory.add_metric([state], float(s.get("memory", {}).get(f"{state}_bytes", 0)))
+    yield memory
     yield _per_kind(
         CounterMetricFamily(
             "pfcollector_events_coalesced",

@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from .events import Kind
+from .membudget import MemoryBudget, Reservation
 from .sender import Batch, DeliveryResult
 from .spool import Spool, Spooled
 
@@ -36,6 +37,8 @@ MAX_HELD = 20_000
 BATCH_QUEUE_SIZE = 8
 #: Events read from the spool per query.
 READ_CHUNK = 2_000
+#: Bytes of memory budget one held event is counted for beyond its fields.
+HELD_OVERHEAD = 512
 
 
 @dataclass
@@ -74,12 +77,17 @@ class Pipeline:
         retry_cap: float = 30.0,
         max_held: int = MAX_HELD,
         offload: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
+        budget: MemoryBudget | None = None,
+        prompt_kinds: frozenset[Kind] = frozenset(),
     ) -> None:
         self.spool = spool
         self.policy = policy
         self.retry_base = retry_base
         self.retry_cap = retry_cap
         self.max_held = max_held
+        #: Kinds sent as soon as they are read: stats and coverage when the server coalesces
+        #: them, since they already waited one interval there (flush_interval end to end).
+        self.prompt_kinds = prompt_kinds
         # How blocking spool calls run: a worker thread in the daemon; tests under the
         # autojump clock run them inline so virtual time cannot jump during a query.
         self._offload = offload
@@ -87,6 +95,11 @@ class Pipeline:
         self.batches_sent = 0
         self._groups: dict[tuple[Kind, str], _Group] = {}
         self._held: dict[str, Spooled] = {}
+        # The window's bytes, from the daemon's memory budget: a quarter of it at most, so a
+        # master that is down never starves the producers (the rest waits on disk).
+        self._budget = budget
+        self._window = Reservation(budget or MemoryBudget())
+        self._mean_cost = 64 * 1024  # of the last chunk read (first: a guess on the big side)
         self._retry: list[tuple[float, int, Spooled]] = []
         self._tiebreak = itertools.count()
         self._wake = trio.Event()
@@ -124,7 +137,7 @@ class Pipeline:
                 await self._read_more()
                 self._release_due_retries(trio.current_time())
                 await self._emit(batches, trio.current_time())
-                if self._more and len(self._held) < self.max_held:
+                if self._more and self._has_room():
                     continue
                 if not self._held and not self._more:
                     self._idle.set()
@@ -169,7 +182,9 @@ class Pipeline:
             retry_after = max(retry_after or 0.0, self.retry_cap)
         else:
             for id_ in (*result.delivered, *(p[0] for p in result.poisoned)):
-                self._held.pop(id_, None)
+                gone = self._held.pop(id_, None)
+                if gone is not None:
+                    self._window.shrink(self._window.held - _cost(gone))
         now = trio.current_time()
         for id_ in requeue:
             item = self._held.get(id_)
@@ -197,6 +212,7 @@ class Pipeline:
         return {
             "held": len(self._held),
             "held_capacity": self.max_held,
+            "held_bytes": self._window.held,
             "groups": len(self._groups),
             "waiting_retry": len(self._retry),
             "batches_sent": self.batches_sent,
@@ -210,16 +226,33 @@ class Pipeline:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _has_room(self) -> bool:
+        if len(self._held) >= self.max_held:
+            return False
+        budget, held = self._budget, self._window.held
+        # Its quarter of the budget at most; when producers hold the rest, a small chunk
+        # only while it holds nothing, so deliveries never stop (the overdraft: 1/32).
+        return budget is None or (
+            held < budget.capacity // 4 and (budget.used < budget.capacity or not held)
+        )
+
     async def _read_more(self) -> None:
         room = self.max_held - len(self._held)
-        if not self._more or room <= 0:
+        if not self._more or not self._has_room():
             return
         limit = min(room, READ_CHUNK)
+        if self._budget is not None:
+            capacity, used = self._budget.capacity, self._budget.used
+            share = min(capacity // 4 - self._window.held, max(capacity - used, capacity // 32))
+            limit = max(1, min(limit, share // self._mean_cost))
         rows = await self._offload(self.spool.read_after, self.cursor, limit)
         now = trio.current_time()
+        if rows:
+            self._mean_cost = max(HELD_OVERHEAD, sum(map(_cost, rows)) // len(rows))
         for item in rows:
             self.cursor = item.seq
             self._held[item.event.id] = item
+            self._window.grow(_cost(item))  # at most one chunk past the window's share
             self._add(item, now)
         self._more = len(rows) == limit
 
@@ -241,8 +274,9 @@ class Pipeline:
         flush = self._flush_once or self._draining
         for key in list(self._groups):
             group = self._groups[key]
+            prompt = flush or key[0] in self.prompt_kinds
             while group.items and (
-                flush or policy.due(len(group.items), group.nbytes, group.since, now)
+                prompt or policy.due(len(group.items), group.nbytes, group.since, now)
             ):
                 take, nbytes = 0, 0
                 for item in group.items:
@@ -267,3 +301,7 @@ class Pipeline:
         if self._retry:
             deadlines.append(self._retry[0][0])
         return min(deadlines, default=trio.current_time() + 3600.0)
+
+
+def _cost(item: Spooled) -> int:
+    return item.wire_size + HELD_OVERHEAD

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import math
 import os
 import socket as stdlib_socket
 import stat
@@ -39,6 +38,7 @@ from . import __version__
 from .activation import listen_socket
 from .events import Event, Kind
 from .ingest import AckTracker, Pending
+from .membudget import MemoryBudget, Reservation
 from .policies import COALESCED_KINDS, Coalescer
 from .protocol import (
     Ack,
@@ -46,14 +46,13 @@ from .protocol import (
     ErrorMsg,
     EventMsg,
     Hello,
-    MessageError,
-    ProtocolError,
     Reply,
     ServerConnection,
     ServerMessage,
     Welcome,
     encode,
 )
+from .reader import READ_SIZE, read_connection
 
 __all__ = [
     "READ_SIZE",
@@ -67,17 +66,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Bytes asked of the socket per read.
-READ_SIZE = 256 * 1024
+#: Bytes of memory budget one coalesced stats or coverage snapshot is counted for.
+COALESCED_EVENT_COST = 4096
 #: Seconds a stopping daemon gives each connection to send its final acks.
 CLOSE_GRACE = 5.0
 #: Seconds a connection closed for a fatal error keeps reading (and discarding) its input.
 LINGER = 1.0
 _LISTEN_BACKLOG = 512
-DRAINING_MESSAGE = (
-    "the daemon is shutting down and stores no more events: this one was not stored; "
-    "send it again to the next daemon"
-)
 _PEERCRED = struct.Struct("3i")
 
 ControlHandler = Callable[[str, dict[str, Any], "ConnectionInfo"], Awaitable[Any]]
@@ -202,6 +197,7 @@ class Server:
         socket_group: int | None = None,
         limits: Limits = Limits(),
         coalesce_interval: Callable[[], float] | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
@@ -210,6 +206,8 @@ class Server:
         self.max_frame = limits.max_frame
         self.max_connections = limits.max_connections
         self.stats = IngestStats()
+        #: Bounds every byte the readers buffer and every event on its way to the spool.
+        self.budget = budget if budget is not None else MemoryBudget()
         self.connections: dict[int, ConnectionInfo] = {}
         self._ingest = ingest
         self._control = control
@@ -227,6 +225,8 @@ class Server:
         self._coalesce_interval = coalesce_interval
         self._coalescing = trio.CancelScope()
         self._coalescer_full = trio.Event()
+        self._coalesced = Reservation(self.budget)  # what the coalescer holds
+        self._taken: list[Pending] = []  # taken from the coalescer, not yet on the channel
         self._no_acks = AckTracker()
 
     async def serve(
@@ -296,10 +296,22 @@ class Server:
                 await self._push_coalesced()
 
     async def _push_coalesced(self) -> None:
+        """Move what the coalescer holds onto the ingest channel.
+
+        Cancellation (``stop``): what was taken and not yet sent stays in ``_taken``, and the
+        last push after the listener closes sends it first: nothing acknowledged is lost.
+        """
         if self.coalescer is None:
             return
-        for event in self.coalescer.take():
-            await self._ingest.send(Pending(event, None, self._no_acks, 0))
+        taken = self.coalescer.take()
+        self._taken.extend(
+            Pending(event, None, self._no_acks, 0, self._coalesced.split(COALESCED_EVENT_COST))
+            for event in taken
+        )
+        self._coalesced.release()
+        while self._taken:
+            await self._ingest.send(self._taken[0])
+            self._taken.pop(0)
 
     def _remove_socket_file(self) -> None:
         with contextlib.suppress(OSError):
@@ -351,7 +363,7 @@ class Server:
                             if self._accepting.cancel_called:
                                 reading.cancel()
                             try:
-                                fatal = await self._read(stream, info, tracker, send)
+                                fatal = await read_connection(self, stream, info, tracker, send)
                             finally:
                                 self._readers.discard(reading)
                                 self._ingest_users -= ingest_user
@@ -394,78 +406,6 @@ class Server:
                 and tracker.acked >= tracker.ack_ready
             ):
                 return
-
-    async def _read(
-        self,
-        stream: trio.SocketStream,
-        info: ConnectionInfo,
-        tracker: AckTracker,
-        send: Callable[[ServerMessage], Awaitable[None]],
-    ) -> bool:
-        """Read and dispatch until EOF (False) or a fatal error was sent (True)."""
-        conn = ServerConnection(max_frame=self.max_frame)
-        limits = self.limits
-        frame_started: float | None = None  # when the frame now being received began
-        tokens, refilled = limits.rate_limit, trio.current_time()
-        while True:
-            if frame_started is None:
-                deadline = _after(trio.current_time(), limits.idle_timeout)
-            else:
-                deadline = _after(frame_started, limits.slow_sender_timeout)
-            data = None
-            with trio.move_on_at(deadline):
-                data = await stream.receive_some(READ_SIZE)
-            if data is None:
-                code, message = _timeout_error(frame_started, limits)
-                await self._violation(info, send, ErrorMsg(code, message, fatal=True))
-                return True
-            conn.receive_data(data)
-            while True:
-                try:
-                    msg = conn.next_message()
-                except MessageError as exc:
-                    self.stats.errors[exc.code] += 1
-                    self.stats.rejected[_kind_of(exc)] += 1
-                    await send(exc.to_message())
-                    if exc.seq is not None:
-                        tracker.handled(exc.seq)
-                    continue
-                except ProtocolError as exc:  # fatal: the framing is lost, close
-                    await self._violation(info, send, exc.to_message())
-                    return True
-                if msg is None:
-                    break
-                if isinstance(msg, EventMsg):
-                    if limits.rate_limit:
-                        now = trio.current_time()
-                        tokens = min(
-                            limits.rate_limit, tokens + (now - refilled) * limits.rate_limit
-                        )
-                        refilled = now
-                        if tokens < 1:
-                            await self._violation(info, send, ErrorMsg("rate_limited", (
-                                f"more than {limits.rate_limit:g} events/s on one connection"
-                            ), fatal=True))  # fmt: skip
-                            return True
-                        tokens -= 1
-                    if self._stopping:  # draining: control only; the client keeps its event
-                        self.stats.errors["draining"] += 1
-                        self.stats.rejected[msg.kind] += 1
-                        await send(ErrorMsg("draining", DRAINING_MESSAGE, seq=msg.seq))
-                        tracker.handled(msg.seq)
-                        continue
-                    event, kept = self._event(msg, conn, info)
-                    if not self._coalesce(event, msg.seq, tracker):  # no await per snapshot
-                        await self._spool_event(event, kept, msg.seq, tracker)
-                elif isinstance(msg, Hello):
-                    info.job_id, info.fuzzer = msg.job_id, msg.fuzzer
-                    await send(Welcome(1, f"pfcollector {__version__}", self.max_frame))
-                elif isinstance(msg, Control):
-                    await send(await self._answer(msg, info))
-            if not data:
-                return False
-            # Part of a frame is here: the rest must follow within slow_sender_timeout.
-            frame_started = (frame_started or trio.current_time()) if conn.pending_bytes else None
 
     async def _violation(
         self,
@@ -525,6 +465,8 @@ class Server:
         if coalescer is None or event.kind not in COALESCED_KINDS:
             return False
         taken = coalescer.add(event)
+        # Counted per key held, a fixed cost each: bounded by MAX_COALESCE_KEYS.
+        self._coalesced.grow(len(coalescer) * COALESCED_EVENT_COST - self._coalesced.held)
         if coalescer.full:
             self._coalescer_full.set()  # push early rather than grow
         if taken:
@@ -533,11 +475,16 @@ class Server:
         return taken
 
     async def _spool_event(
-        self, event: Event, data: bytes | list[bytes] | None, seq: int, tracker: AckTracker
+        self,
+        event: Event,
+        data: bytes | list[bytes] | None,
+        seq: int,
+        tracker: AckTracker,
+        hold: Reservation | None = None,
     ) -> None:
-        """Hand an event to the group commit; its ack follows the commit."""
+        """Hand an event (and the memory it holds) to the group commit; its ack follows."""
         tracker.submitted(seq)
-        pending = Pending(event, data, tracker, seq)
+        pending = Pending(event, data, tracker, seq, hold)
         try:
             self._ingest.send_nowait(pending)  # the common case: room, no scheduling round
         except trio.WouldBlock:
@@ -545,7 +492,15 @@ class Server:
                 await self._ingest.send(pending)  # full: this producer waits (flow control)
             except BaseException:
                 tracker.withdraw(seq)  # never stored, so never acknowledged
+                if hold is not None:
+                    hold.release()
                 raise
+
+    async def _welcome(
+        self, msg: Hello, info: ConnectionInfo, send: Callable[[ServerMessage], Awaitable[None]]
+    ) -> None:
+        info.job_id, info.fuzzer = msg.job_id, msg.fuzzer
+        await send(Welcome(1, f"pfcollector {__version__}", self.max_frame))
 
     async def _answer(self, msg: Control, info: ConnectionInfo) -> Reply:
         try:
@@ -553,24 +508,6 @@ class Server:
         except (LookupError, ValueError, TypeError) as exc:
             return Reply(msg.req, False, error=str(exc))
         return Reply(msg.req, True, result=result)
-
-
-def _after(start: float, timeout: float) -> float:
-    return start + timeout if timeout > 0 else math.inf
-
-
-def _timeout_error(frame_started: float | None, limits: Limits) -> tuple[str, str]:
-    if frame_started is None:
-        return "idle_timeout", f"no frame for {limits.idle_timeout:g}s (idle_timeout)"
-    return "slow_sender", (
-        f"a frame was not complete {limits.slow_sender_timeout:g}s after its first byte "
-        "(slow_sender_timeout)"
-    )
-
-
-def _kind_of(exc: MessageError) -> str:
-    kind = getattr(exc, "kind", None)
-    return str(kind) if kind else "unknown"
 
 
 def _peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:

@@ -1,0 +1,233 @@
+"""One connection's reader: socket bytes -> frames -> events, within the memory budget.
+
+The reader reserves memory (:mod:`pfcollector.membudget`) before each read: the bytes it may
+buffer, and once a frame's length prefix is known the whole frame, so ``max_connections x
+max_frame`` cannot escape the budget. Every accepted event leaves with its share of that
+reservation. When the budget is spent the reader waits before reading: the kernel's socket
+buffer fills and the producer's writes wait (flow control, never a disconnect).
+
+The slow-sender timer (:class:`FrameClock`) measures one frame's bytes arriving, from that
+frame's own first byte, and counts only the time the reader spent waiting on the socket: time
+the daemon itself was not reading (a full ingest channel, a spent budget, a control answer) is
+never charged to the client.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from .ingest import AckTracker
+from .membudget import Reservation
+from .protocol import (
+    HEADER_SIZE,
+    Control,
+    ErrorMsg,
+    EventMsg,
+    Hello,
+    MessageError,
+    ProtocolError,
+    ServerConnection,
+    ServerMessage,
+)
+
+if TYPE_CHECKING:
+    from .server import ConnectionInfo, Limits, Server
+
+#: The non-fatal refusal of an event while the daemon drains (control requests still work).
+DRAINING_MESSAGE = (
+    "the daemon is shutting down and stores no more events: this one was not stored; "
+    "send it again to the next daemon"
+)
+
+__all__ = [
+    "DRAINING_MESSAGE",
+    "EVENT_OVERHEAD",
+    "READ_SIZE",
+    "FrameClock",
+    "read_connection",
+    "read_size",
+]
+
+#: Bytes asked of the socket per read (less when the budget is small: :func:`read_size`).
+READ_SIZE = 256 * 1024
+#: Bytes an accepted event costs beyond its frame (the Python objects that hold it).
+EVENT_OVERHEAD = 512
+
+Send = Callable[[ServerMessage], Awaitable[None]]
+
+
+class FrameClock:
+    """The idle and slow-sender deadlines of one connection. Pure logic: times are given.
+
+    ``waited`` is the time spent waiting on the socket since the current frame's first byte
+    arrived; only that time counts toward ``slow_sender_timeout``.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.in_frame = False
+        self.waited = 0.0
+
+    def deadline(self, now: float) -> float:
+        """When the next socket wait, starting ``now``, times out."""
+        if self.in_frame:
+            timeout = self.limits.slow_sender_timeout
+            return now + max(timeout - self.waited, 0.0) if timeout > 0 else math.inf
+        timeout = self.limits.idle_timeout
+        return now + timeout if timeout > 0 else math.inf
+
+    def received(self, waited: float, *, partial: bool, new_frame: bool) -> None:
+        """A read returned after ``waited`` seconds on the socket.
+
+        ``partial``: a frame is incomplete after handling what was read; ``new_frame``: that
+        frame began in this read (an earlier frame ended in it, or none was pending).
+        """
+        if not partial:
+            self.in_frame, self.waited = False, 0.0
+        elif new_frame or not self.in_frame:
+            self.in_frame, self.waited = True, 0.0  # its first byte came with this read
+        else:
+            self.waited += waited
+
+    def error(self) -> tuple[str, str]:
+        """The fatal error for a wait that timed out."""
+        if not self.in_frame:
+            return "idle_timeout", f"no frame for {self.limits.idle_timeout:g}s (idle_timeout)"
+        return "slow_sender", (
+            f"a frame was not complete {self.limits.slow_sender_timeout:g}s after its first "
+            "byte, counting only time the daemon was reading (slow_sender_timeout)"
+        )
+
+
+class _Connection(ServerConnection):
+    """The protocol's connection, telling the size of the frame it is receiving.
+
+    Knowing the frame's size before its body arrives lets the reader reserve the whole frame
+    at once: a connection either holds room for its frame or waits before buffering it.
+    """
+
+    @property
+    def frame_total(self) -> int:
+        """Bytes of the frame being received, prefix included (0 until the prefix is here)."""
+        buf = self._buf
+        return HEADER_SIZE + int.from_bytes(buf[:HEADER_SIZE], "big") if len(buf) >= 4 else 0
+
+
+def read_size(capacity: int, max_connections: int) -> int:
+    """Bytes per read: every connection's read fits in a quarter of the budget."""
+    return max(4096, min(READ_SIZE, capacity // (4 * max_connections)))
+
+
+async def read_connection(
+    server: Server,
+    stream: trio.SocketStream,
+    info: ConnectionInfo,
+    tracker: AckTracker,
+    send: Send,
+) -> bool:
+    """Read and dispatch until EOF (False) or a fatal error was sent (True)."""
+    limits = server.limits
+    conn = _Connection(max_frame=server.max_frame)
+    budget = server.budget
+    chunk = read_size(budget.capacity, limits.max_connections)
+    # One read's worth is granted without waiting (all connections' together fit in a quarter
+    # of the budget: read_size), so a control request or a small event is never queued behind
+    # big frames waiting for room.
+    reserved = Reservation(budget)
+    reserved.grow(chunk)
+    clock = FrameClock(limits)
+    tokens, refilled = limits.rate_limit, trio.current_time()
+    try:
+        while True:
+            # Room for the whole frame being received (what is buffered of it is less) and
+            # one more read, asked once per frame: a reader never holds part of a frame while
+            # waiting for more, so readers cannot deadlock on each other. A frame larger than
+            # a quarter of the budget is counted as a quarter (it still gets through).
+            frame = min(conn.frame_total or conn.pending_bytes, budget.capacity // 4)
+            await reserved.ensure(frame + chunk)  # not charged to the client
+            started = trio.current_time()
+            data = None
+            with trio.move_on_at(clock.deadline(started)):
+                data = await stream.receive_some(chunk)
+            if data is None:
+                code, message = clock.error()
+                await server._violation(info, send, ErrorMsg(code, message, fatal=True))
+                return True
+            waited = trio.current_time() - started
+            conn.receive_data(data)
+            eof, data = not data, b""  # buffered now: do not hold a second copy while waiting
+            completed = False
+            while True:
+                before = conn.pending_bytes
+                try:
+                    msg = conn.next_message()
+                except MessageError as exc:
+                    completed = True
+                    server.stats.errors[exc.code] += 1
+                    server.stats.rejected[_kind_of(exc)] += 1
+                    await send(exc.to_message())
+                    if exc.seq is not None:
+                        tracker.handled(exc.seq)
+                    continue
+                except ProtocolError as exc:  # fatal: the framing is lost, close
+                    await server._violation(info, send, exc.to_message())
+                    return True
+                if msg is None:
+                    break
+                completed = True
+                if isinstance(msg, EventMsg):
+                    if limits.rate_limit:
+                        now = trio.current_time()
+                        tokens = min(
+                            limits.rate_limit, tokens + (now - refilled) * limits.rate_limit
+                        )
+                        refilled = now
+                        if tokens < 1:
+                            await server._violation(info, send, ErrorMsg("rate_limited", (
+                                f"more than {limits.rate_limit:g} events/s on one connection"
+                            ), fatal=True))  # fmt: skip
+                            return True
+                        tokens -= 1
+                    if server._stopping:  # draining: control only; the client keeps its event
+                        server.stats.errors["draining"] += 1
+                        server.stats.rejected[msg.kind] += 1
+                        await send(ErrorMsg("draining", DRAINING_MESSAGE, seq=msg.seq))
+                        tracker.handled(msg.seq)
+                        continue
+                    cost = before - conn.pending_bytes + EVENT_OVERHEAD
+                    await _dispatch(server, msg, conn, info, tracker, reserved, cost)
+                elif isinstance(msg, Hello):
+                    await server._welcome(msg, info, send)
+                elif isinstance(msg, Control):
+                    await send(await server._answer(msg, info))
+            if eof:
+                return False
+            clock.received(waited, partial=bool(conn.pending_bytes), new_frame=completed)
+    finally:
+        reserved.release()
+
+
+async def _dispatch(
+    server: Server,
+    msg: EventMsg,
+    conn: ServerConnection,
+    info: ConnectionInfo,
+    tracker: AckTracker,
+    reserved: Reservation,
+    cost: int,
+) -> None:
+    """Coalesce or spool one event. A function of its own so that the reader, waiting for
+    its next read, keeps no reference to the event's bytes (they belong to the budget of the
+    group commit, which frees them)."""
+    event, kept = server._event(msg, conn, info)
+    if not server._coalesce(event, msg.seq, tracker):  # no await per snapshot
+        await server._spool_event(event, kept, msg.seq, tracker, reserved.split(cost))
+
+
+def _kind_of(exc: MessageError) -> str:
+    kind = getattr(exc, "kind", None)
+    return str(kind) if kind else "unknown"
