@@ -564,3 +564,55 @@ def test_main_reports_a_busy_port(capsys: pytest.CaptureFixture[str]) -> None:
     with DevMaster() as m:
         assert devmaster.main(["--port", str(m.port)]) == 1
     assert "cannot listen" in capsys.readouterr().err
+
+
+# -- cost setting and body sizes (for benchmarks) -----------------------------------------
+
+
+def test_cost_per_item_is_spent_per_stored_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pfcollector.devmaster import _store
+
+    slept: list[float] = []
+    monkeypatch.setattr(_store.time, "sleep", slept.append)
+    with DevMaster(cost_per_item=0.00023) as m, httpx.Client(base_url=m.url) as c:
+        body = batch(crashes=[crash(f"c{i}") for i in range(100)], coverage=[coverage()])
+        assert c.post(BATCH, json=body).status_code == 200
+        assert c.post(CRASH, json=crash("one")).status_code == 200
+        assert c.post(STATUS, json={"type": "fuzzer_stats"}).status_code == 200
+        assert m.count("crash") == 101
+    # one sleep per non-empty store, as long as its items cost; stats posts cost nothing
+    assert slept == pytest.approx([100 * 0.00023, 0.00023, 0.00023])
+
+
+def test_cost_per_item_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pfcollector.devmaster import _store
+
+    slept: list[float] = []
+    monkeypatch.setattr(_store.time, "sleep", slept.append)
+    with DevMaster() as m, httpx.Client(base_url=m.url) as c:
+        assert c.post(BATCH, json=batch(crashes=[crash()])).status_code == 200
+    assert slept == []
+
+
+@pytest.mark.parametrize("bad", [-0.001, float("nan")])
+def test_cost_per_item_refuses_bad_values(bad: float) -> None:
+    with pytest.raises(ValueError, match="cost_per_item must be >= 0"):
+        DevMaster(cost_per_item=bad)
+
+
+@pytest.mark.parametrize("bad", ["-1", "soon", "11"])
+def test_cost_per_item_command_line_error(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        devmaster.main(["--port", "0", "--cost-per-item", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--cost-per-item" in err
+    assert "Traceback" not in err
+
+
+def test_stats_report_the_largest_result_body(client: httpx.Client) -> None:
+    assert client.get("/_dev/stats").json()["max_body_bytes"] == 0
+    big = json.dumps(batch(crashes=[crash(stack_trace="x" * 5000)])).encode()
+    assert raw(client, BATCH, big, **{"Content-Type": "application/json"}).status_code == 200
+    assert client.post(CRASH, json=crash("small")).status_code == 200
+    assert client.get("/_dev/stats").json()["max_body_bytes"] == len(big)

@@ -16,12 +16,16 @@ benchmarks and ``pfcollector dev-master`` run against the same behaviour:
 * ``POST /api/v1/bots/register`` (strict, 201 sent as text/plain) and
   ``POST /api/v1/bots/{id}/heartbeat`` (200 or 404); ``GET /health``.
 * Writes are ``INSERT OR REPLACE`` by id; ``submissions`` counts stores per id.
+* ``DevMaster(cost_per_item=0.00023)`` (``--cost-per-item``) makes each stored result cost
+  that many seconds, writes serialised: about what the PandaFuzz master costs per crash in a
+  batch, so benchmarks meet a master as slow as the real one.
 
 Faults (:class:`Faults`) are driven from Python or over HTTP: ``POST /_dev/<method>`` with the
 method's arguments as a JSON object (``/_dev/fail_next {"n": 2, "status": 503,
 "retry_after": 1}``, ``/_dev/down_for {"seconds": 1.5}``, ``/_dev/slow``, ``/_dev/reject_ids``,
 ``/_dev/partial_fail_ids``, ``/_dev/reset_next``, ``/_dev/clear``, ``/_dev/down``), and
-``GET /_dev/stats`` (counts, submissions, requests seen) or ``GET /_dev/rows?kind=crash``.
+``GET /_dev/stats`` (counts, submissions, requests seen, largest result body) or
+``GET /_dev/rows?kind=crash``.
 
 Example:
     >>> with DevMaster() as master:  # doctest: +SKIP

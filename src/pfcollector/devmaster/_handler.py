@@ -84,12 +84,23 @@ class App:
     #: instead of answering 400 as the PandaFuzz master does. Off by default.
     accept_compression: bool = False
     _seen: int = 0
+    _max_body: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def saw_request(self) -> None:
         """Count one request (admin and health requests excluded)."""
         with self._lock:
             self._seen += 1
+
+    def saw_body(self, size: int) -> None:
+        """Note a result request's body size (as sent, before any decompression)."""
+        with self._lock:
+            self._max_body = max(self._max_body, size)
+
+    def max_body(self) -> int:
+        """The largest result request body seen so far, bytes."""
+        with self._lock:
+            return self._max_body
 
     def requests_seen(self) -> int:
         """Requests counted so far."""
@@ -179,6 +190,7 @@ class Handler(BaseHandler):
             return
         limit = _LIMITS.get(path, _DEFAULT_LIMIT)
         body = self.read_body(limit)
+        self._app.saw_body(len(body))
         if plan.delay:
             time.sleep(plan.delay)
         if plan.fail_status is not None:
@@ -380,6 +392,7 @@ class Handler(BaseHandler):
             {
                 "counts": {kind: app.store.count(kind) for kind in KINDS},
                 "requests_seen": app.requests_seen(),
+                "max_body_bytes": app.max_body(),
                 "submissions": app.store.submissions(),
             },
         )

@@ -78,6 +78,8 @@ class DevMaster:
         db_path: SQLite file, or None for an in-memory database.
         accept_compression: Decode gzip (and zstd) request bodies instead of refusing them
             with 400 as the PandaFuzz master does.
+        cost_per_item: Seconds each stored result item costs, writes serialised (see
+            :class:`Store`); 0.00023 costs what the PandaFuzz master costs per crash in a batch.
 
     Attributes:
         faults: The fault injection controls.
@@ -97,7 +99,11 @@ class DevMaster:
         db_path: str | Path | None = None,
         *,
         accept_compression: bool = False,
+        cost_per_item: float = 0.0,
     ) -> None:
+        if not cost_per_item >= 0.0:
+            raise ValueError(f"cost_per_item must be >= 0 seconds, got {cost_per_item!r}")
+        self.cost_per_item = cost_per_item
         self.host = host
         self.accept_compression = accept_compression
         self.port = port
@@ -120,7 +126,7 @@ class DevMaster:
         with self._lock:
             if self._app is not None:
                 raise RuntimeError("DevMaster already started")
-            store = Store(self._db_path)
+            store = Store(self._db_path, self.cost_per_item)
             app = App(
                 store=store,
                 faults=self.faults,
@@ -243,7 +249,14 @@ class DevMaster:
         return 0 if app is None else app.requests_seen()
 
 
-def serve(host: str, port: int, db_path: str | None, *, accept_compression: bool = False) -> None:
+def serve(
+    host: str,
+    port: int,
+    db_path: str | None,
+    *,
+    accept_compression: bool = False,
+    cost_per_item: float = 0.0,
+) -> None:
     """Run a :class:`DevMaster` until Ctrl-C or SIGTERM, printing its URL first.
 
     Args:
@@ -251,6 +264,7 @@ def serve(host: str, port: int, db_path: str | None, *, accept_compression: bool
         port: Port (0 for any free one; the URL printed shows which).
         db_path: SQLite file, or None for an in-memory database.
         accept_compression: Decode compressed request bodies (see :class:`DevMaster`).
+        cost_per_item: Seconds each stored result item costs (see :class:`DevMaster`).
 
     Error handling:
         Raises ``OSError`` when the port cannot be bound.
@@ -262,7 +276,9 @@ def serve(host: str, port: int, db_path: str | None, *, accept_compression: bool
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        with DevMaster(host, port, db_path, accept_compression=accept_compression) as master:
+        with DevMaster(
+            host, port, db_path, accept_compression=accept_compression, cost_per_item=cost_per_item
+        ) as master:
             print(
                 f"pfcollector dev-master listening on {master.url} (db: {db_path or ':memory:'})",
                 flush=True,
@@ -292,10 +308,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--accept-compression", action="store_true", help="decode gzip/zstd request bodies"
     )
+    parser.add_argument(
+        "--cost-per-item",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="seconds each stored result costs, writes serialised "
+        "(0.00023 = the PandaFuzz master's cost per crash in a batch; default 0)",
+    )
     args = parser.parse_args(argv)
     try:
-        serve(args.host, args.port, args.db, accept_compression=args.accept_compression)
+        serve(
+            args.host,
+            args.port,
+            args.db,
+            accept_compression=args.accept_compression,
+            cost_per_item=args.cost_per_item,
+        )
     except OSError as exc:
         print(f"dev-master: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _seconds(text: str) -> float:
+    """``--cost-per-item``: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.0 <= value < 10.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 10 seconds, got {text!r}")
+    return value
