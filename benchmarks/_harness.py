@@ -30,6 +30,7 @@ __all__ = [
     "BenchError",
     "ClientRun",
     "DaemonProc",
+    "cpu_seconds",
     "free_port",
     "kill_all",
     "load_now",
@@ -101,6 +102,14 @@ def machine_info(data_root: Path) -> dict[str, Any]:
         "platform": platform.platform(),
         "data_fs": fs,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # after the ")" of comm: state is fields[0], utime is field 14 of the line, i.e. [11]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -228,12 +237,13 @@ def start_baseline(root: Path) -> tuple[subprocess.Popen[bytes], Path]:
     return proc, sock
 
 
-def start_master(root: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """The reference master (``pfcollector.devmaster``) in its own process, on a file db."""
+def start_master(root: Path, cost_per_item: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
+    """The reference master (``pfcollector.devmaster``) in its own process, on a file db;
+    ``cost_per_item`` seconds per stored result (``--cost-per-item``)."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = _spawn([PY, "-m", "pfcollector.devmaster", "--port", str(port),
-                   "--db", str(root / "master.db")],
+                   "--db", str(root / "master.db"), "--cost-per-item", repr(cost_per_item)],
                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=DAEMON_ENV)  # fmt: skip
     _wait_line(proc, "listening", 20)
     return proc, f"http://127.0.0.1:{port}"
