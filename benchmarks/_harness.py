@@ -196,6 +196,15 @@ def start_daemon(
 ) -> DaemonProc:
     """Start a daemon on data directory ``root/name`` (fresh unless ``reuse``); return once it
     answers ``status``."""
+    daemon = spawn_daemon(root, name, extra, reuse=reuse)
+    return wait_daemon(daemon, profile)
+
+
+def spawn_daemon(
+    root: Path, name: str, extra: list[str] | None = None, *, reuse: bool = False
+) -> DaemonProc:
+    """Start a daemon process on ``root/name`` without waiting for it (see :func:`wait_daemon`:
+    many daemons start faster spawned together, then waited for)."""
     data = root / name
     data.mkdir(parents=True, exist_ok=reuse, mode=0o750)  # serve refuses a dir open to others
     sock = data / "pf.sock"
@@ -205,8 +214,13 @@ def start_daemon(
     with open(log, "wb", opener=lambda path, flags: os.open(path, flags, 0o640)) as logf:
         proc = _spawn(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                       env=DAEMON_ENV)  # fmt: skip
-    daemon = DaemonProc(proc, sock, data, log)
-    deadline = time.monotonic() + 30
+    return DaemonProc(proc, sock, data, log)
+
+
+def wait_daemon(daemon: DaemonProc, profile: Path | None = None) -> DaemonProc:
+    """Wait until a spawned daemon answers ``status`` (and attach py-spy with ``profile``)."""
+    proc = daemon.proc
+    deadline = time.monotonic() + 60
     while True:
         if proc.poll() is not None:
             raise BenchError(f"daemon exited with {proc.returncode}: {daemon.log_tail()}")
@@ -214,7 +228,7 @@ def start_daemon(
             daemon.pid = int(daemon.status()["pid"])
         except (DaemonUnreachable, OSError):
             if time.monotonic() > deadline:
-                raise BenchError(f"daemon did not answer within 30s: {daemon.log_tail()}") from None
+                raise BenchError(f"daemon did not answer within 60s: {daemon.log_tail()}") from None
             time.sleep(0.05)
             continue
         if profile is not None:  # attach now: the profile leaves out start-up (imports)

@@ -11,7 +11,16 @@ d. memory: the daemon's peak RSS while events arrive with the master down, nothi
    and under pressure (``memory_pressure.py``): 64 producers of 1 MiB and 10 MiB inputs
    against a stalled spool, peak RSS within ``memory_budget + 100 MiB``;
 e. profile: py-spy's top frames of the daemon under ingest and durable crash load (skipped,
-   with a note, when py-spy is not installed).
+   with a note, when py-spy is not installed);
+f. one producer's ``crash()`` round trip below saturation, beside this disk's fsync
+   (``crash_latency.py``);
+g. end to end: 16 producers' ``crash()`` delivered to the reference master, beside that
+   master's own batch ceiling, at full speed and at the real master's cost (``e2e.py``);
+h. crash storm: the same with 64 KiB stack traces and outputs (``e2e.py``);
+i. fleet: N daemons at a real bot's rates against one master, batching and coalescing on and
+   off (``fleet.py``);
+j. typed decode: msgspec's typed MessagePack decoder beside ``msgpack.unpackb`` on the stats
+   frame (``typed_decode.py``; skipped when msgspec is not installed).
 
 Acceptance is always timed by the daemon's cumulative acks (and checked against its ``status``),
 never by how fast clients write, so the figures stay meaningful whatever per-kind policy the
@@ -36,15 +45,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h
 from _profile import top_frames
+from crash_latency import TARGET_P50_MS, TARGET_P99_MS, bench_crash_latency
+from e2e import bench_e2e as bench_e2e_master
+from e2e import bench_storm
+from fleet import bench_fleet
 from memory_pressure import bench_pressure
+from typed_decode import bench_typed_decode
 
 CLIENTS = 8
+ALL = ("ingest", "durable", "e2e", "memory", "pressure", "profile", "latency", "e2e_master",
+       "storm", "fleet", "typed_decode")  # fmt: skip
 DURABLE = ("crash", "corpus")  # kinds the daemon must store, one row per event sent
 TARGETS = {
-    "ingest_vs_baseline": 0.5,
+    "ingest_vs_baseline": 1.0,
     "crashes_per_s": 20_000,
     "crash_p99_ms": 10.0,
     "peak_rss_mb": 200,
+    "e2e_vs_ceiling": 0.9,
+    "crash_rtt_p50_ms": TARGET_P50_MS,
+    "crash_rtt_p99_ms": TARGET_P99_MS,
 }
 
 # Sizes per mode. "*_s": seconds a load is offered (then the clients wait for their acks);
@@ -53,12 +72,12 @@ SIZES = {
     "quick": {
         "ingest_s": 1.0, "ingest_cap": 12_000, "crashmix_cap": 2_000, "crash_s": 0.5,
         "crash_cap": 2_000, "e2e_batch": 300, "e2e_item": 60, "memory_total": 40_000,
-        "profile_s": 0.5,
+        "profile_s": 0.5, "latency_rates": [200.0], "latency_count": 200,
     },
     "full": {
         "ingest_s": 5.0, "ingest_cap": 150_000, "crashmix_cap": 20_000, "crash_s": 5.0,
         "crash_cap": 20_000, "e2e_batch": 3_000, "e2e_item": 600, "memory_total": 1_000_000,
-        "profile_s": 10.0,
+        "profile_s": 10.0, "latency_rates": [100.0, 400.0], "latency_count": 1500,
     },
 }  # fmt: skip
 #: Unacknowledged events per client for loads with crashes: 8 x 256 fill one group commit
@@ -169,9 +188,9 @@ def bench_durable(root: Path, size: dict[str, Any]) -> dict[str, Any]:
         "p99_ms": round(_pct(lat, 0.99) * 1e3, 2),
         "window_per_client": CRASH_WINDOW,
     }
-    # At the target rate, then at half of what the daemon just managed (a load it sustains:
-    # the latency there is the group commit's own, not the queue's).
-    offered = (("paced", TARGETS["crashes_per_s"]), ("sustainable", out["max"]["per_s"] // 2))
+    # At the target rate, then at 80% of what the daemon just managed (issue 13's bar: p99 at
+    # 80% of saturation; the latency there is the group commit's own more than the queue's).
+    offered = (("paced", TARGETS["crashes_per_s"]), ("at_80pct", out["max"]["per_s"] * 4 // 5))
     for name, total_rate in offered:
         rate = max(total_rate, CLIENTS) / CLIENTS
         count = min(size["crash_cap"], int(rate * size["crash_s"]) + 1)
@@ -331,7 +350,7 @@ def _table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(("b. crashes 1 KiB flat out, /s", f"{r['per_s']:,}",
                      f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms",
                      f">= {TARGETS['crashes_per_s']:,}/s"))  # fmt: skip
-        for name in ("paced", "sustainable"):
+        for name in ("paced", "at_80pct"):
             r = dur[name]
             rows.append((f"b. crashes offered at {r['offered_per_s']:,}/s: achieved",
                          f"{r['achieved_per_s']:,}/s",
@@ -344,6 +363,7 @@ def _table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((f"c. end to end, {mode} mode, results/s", f"{r['per_s']:,}",
                          f"{r['results']} results in {r['seconds']} s "
                          f"(sent {sum(r['sent'].values())})", ""))  # fmt: skip
+    rows.extend(_table_issue13(results))
     mem = results.get("memory", {})
     if "peak_rss_mb" in mem:
         rows.append((f"d. peak RSS, {mem['events']:,} events, master down",
@@ -361,6 +381,49 @@ def _table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _table_issue13(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Rows of figures f to j."""
+    rows: list[tuple[str, str, str, str]] = []
+    lat = results.get("latency", {})
+    for key, r in lat.items():
+        if key.endswith("/s") and isinstance(r, dict):
+            rows.append((f"f. one producer crash() at {key}, round trip",
+                         f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms",
+                         f"fsync p50 {lat['fsync']['p50_ms']} ms, p99 {lat['fsync']['p99_ms']} ms",
+                         f"p50 <= {TARGETS['crash_rtt_p50_ms']} ms, "
+                         f"p99 <= {TARGETS['crash_rtt_p99_ms']} ms"))  # fmt: skip
+    e2e = results.get("e2e_master", {})
+    for label in ("full_speed", "real_cost"):
+        if label in e2e:
+            r = e2e[label]
+            bar = f">= {TARGETS['e2e_vs_ceiling']}x" if label == "real_cost" else ""
+            ceil = f"ceiling {r['ceiling']['per_s']:,} ({r['ratio']:.2f}x)"
+            rows.append((f"g. e2e {r['producers']} producers, master {label.replace('_', ' ')}, "
+                         "crashes/s", f"{r['per_s']:,} ({r['daemon_cpu_s_per_1000']} CPU s/1k)",
+                         ceil, bar))  # fmt: skip
+    st = results.get("storm", {})
+    if "per_s" in st:
+        rows.append(("h. storm 64 KiB traces+outputs, crashes/s",
+                     f"{st['per_s']:,} (max body {st['max_body_bytes'] // 1024} KiB)",
+                     f"ceiling {st['ceiling']['per_s']:,} ({st['ratio']:.2f}x, "
+                     f"{st['ceiling']['per_batch']}/batch)",
+                     "< 1 MiB; ceiling the limit"))  # fmt: skip
+    fl = results.get("fleet", {})
+    for name in ("batched", "unbatched"):
+        if name in fl:
+            r = fl[name]
+            rows.append((f"i. fleet {r['bots']} bots, {name}, per bot at the master",
+                         f"{r['requests_per_s_per_bot']} req/s, {r['rows_per_s_per_bot']} rows/s",
+                         f"{r['events_per_s_per_bot']} events/s sent per bot "
+                         f"(flush {fl['flush_s']} s)", ""))  # fmt: skip
+    td = results.get("typed_decode", {})
+    if "msgspec_per_s" in td:
+        rows.append(("j. stats frame typed decode (msgspec), /s", f"{td['msgspec_per_s']:,}",
+                     f"msgpack.unpackb {td['unpackb_per_s']:,} ({td['ratio']:.2f}x); daemon "
+                     f"parser {td['daemon_parser_per_s']:,}", ""))  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every benchmark, print the table, write the JSON; exit 1 if anything broke."""
     p = argparse.ArgumentParser(description="pfcollector benchmarks")
@@ -368,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument(
         "--only",
-        default="ingest,durable,e2e,memory,pressure,profile",
-        help="comma-separated subset of ingest,durable,e2e,memory,pressure,profile",
+        default=",".join(ALL),
+        help=f"comma-separated subset of {','.join(ALL)}",
     )
     p.add_argument(
         "--src",
@@ -406,7 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         "memory": lambda: bench_memory(root, size),
         "pressure": lambda: bench_pressure(root, args.quick),
         "profile": lambda: bench_profile(root, size),
-    }
+        "latency": lambda: bench_crash_latency(root, size["latency_rates"],
+                                               size["latency_count"]),
+        "e2e_master": lambda: bench_e2e_master(root, args.quick),
+        "storm": lambda: bench_storm(root, args.quick),
+        "fleet": lambda: bench_fleet(root, args.quick),
+        "typed_decode": lambda: bench_typed_decode(args.quick),
+    }  # fmt: skip
     failed = None
     t0 = time.monotonic()
     try:
