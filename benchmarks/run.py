@@ -46,8 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
 from _profile import top_frames
 from crash_latency import TARGET_P50_MS, TARGET_P99_MS, bench_crash_latency
+from e2e import REAL_MASTER_COST, bench_storm
+from e2e import _end_to_end as e2e_end_to_end
 from e2e import bench_e2e as bench_e2e_master
-from e2e import bench_storm
 from fleet import bench_fleet
 from memory_pressure import bench_pressure
 from typed_decode import bench_typed_decode
@@ -331,6 +332,13 @@ def bench_profile(root: Path, size: dict[str, Any]) -> dict[str, Any]:
             daemon.stop()
         out[name] = {"events": run.sent, "per_s_under_profiler": round(run.sent / run.elapsed)}
         out[name].update(top_frames(raw.read_text()))
+    # End to end: 16 producers' crash() delivered to a master at the real one's cost.
+    raw = root / "profile-e2e.txt"
+    e2e_size = {"cap": size["crash_cap"]}
+    run_e2e = e2e_end_to_end(root, "profile-e2e", REAL_MASTER_COST, e2e_size, 16,
+                             seconds=size["profile_s"], profile=raw)  # fmt: skip
+    out["e2e_crash"] = {"events": run_e2e["crashes"], "per_s_under_profiler": run_e2e["per_s"]}
+    out["e2e_crash"].update(top_frames(raw.read_text()))
     return out
 
 
@@ -500,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in [("figure", "measured", "beside", "target"), *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     prof = report["results"].get("profile", {})
-    for name in ("ingest_stats", "durable_crash"):
+    for name in ("ingest_stats", "durable_crash", "e2e_crash"):
         if name in prof:
             print(f"-- profile {name}: top self frames")
             for frame, share in prof[name]["self"][:8]:
