@@ -7,7 +7,7 @@ Each bot runs ``FUZZERS`` fuzzers (``pfclient.Client`` connections, all driven f
 process by one scheduling loop): every fuzzer sends stats at ``STATS_HZ``, coverage at
 ``COVERAGE_HZ``, a corpus entry at ``CORPUS_HZ``; each bot a crash at ``CRASH_HZ`` (waiting for
 its ack, as a harness does). Measured at the master over a window after a warm-up of one flush
-interval: HTTP requests per second and rows stored per second (crashes + coverage + corpus +
+interval or so: HTTP requests per second and rows stored per second (crashes + coverage + corpus +
 status posts), per bot, with batching and coalescing on (the defaults: batch mode,
 ``--coalesce``) and off (``--delivery-mode item --no-coalesce``).
 """
@@ -39,8 +39,8 @@ FUZZERS = 4
 #: Events per second: per fuzzer for stats/coverage/corpus, per bot for crashes.
 RATES = {"stats": 2.0, "coverage": 0.5, "corpus": 0.2, "crash": 0.05}
 SIZES = {
-    "quick": {"bots": 10, "flush_s": 1.0, "window_s": 3.0},
-    "full": {"bots": 12, "flush_s": 10.0, "window_s": 60.0},
+    "quick": {"bots": 10, "flush_s": 1.0, "warmup_s": 1.0, "window_s": 2.5},
+    "full": {"bots": 12, "flush_s": 10.0, "warmup_s": 15.0, "window_s": 60.0},
 }
 CONFIGS = {
     "batched": ["--delivery-mode", "batch", "--coalesce"],
@@ -107,7 +107,7 @@ def _one(root: Path, name: str, flags: list[str], size: dict[str, Any]) -> dict[
                                    fuzzer=f"fuzz{f}") for f in range(FUZZERS)])  # fmt: skip
         sent = dict.fromkeys(RATES, 0)
         t_start = time.monotonic()
-        _drive(clients, t_start + size["flush_s"] * 1.5, sent)  # warm-up
+        _drive(clients, t_start + size["warmup_s"], sent)  # warm-up
         before, sent_before = _stats(url), dict(sent)
         cpu0 = sum(h.cpu_seconds(d.pid) for d in daemons)
         t0 = time.monotonic()
