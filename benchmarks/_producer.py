@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if sys.stdin.readline().strip() != "go":
             return 2
         t0 = time.monotonic()
+        cpu0 = time.process_time()
         stop_at = t0 + args.duration if args.duration > 0 else float("inf")
         sent = 0
         t_last = t0
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             t_last = time.monotonic()
             lat.append(t_last - start)
             sent += 1
-    result = {"index": args.index, "sent": sent, "t_go": t0, "t_last_ack": t_last}
+        cpu = time.process_time() - cpu0
+    result = {"index": args.index, "sent": sent, "t_go": t0, "t_last_ack": t_last, "cpu_s": cpu}
     Path(args.out).write_text(json.dumps(result))
     if args.latency_out:
         with open(args.latency_out, "wb") as f:

@@ -249,6 +249,7 @@ def _end_to_end(
     if stored != acked:
         raise h.BenchError(f"{name}: {acked} crashes acked, the master has {stored}")
     elapsed = t_done - t_go
+    pcpu = sum(r.get("cpu_s", 0.0) for r in results)
     return {
         "producers": producers,
         "crashes": acked,
@@ -258,6 +259,7 @@ def _end_to_end(
         "daemon_cpu_s": round(cpu, 3),
         "daemon_cpu_s_per_1000": round(cpu / acked * 1000, 3) if acked else None,
         "master_cpu_s_per_1000": round(mcpu / acked * 1000, 3) if acked else None,
+        "producers_cpu_s_per_1000": round(pcpu / acked * 1000, 3) if acked else None,
         "requests": stats["requests_seen"],
         "crashes_per_request": round(acked / max(1, stats["requests_seen"]), 1),
         "max_body_bytes": stats["max_body_bytes"],
