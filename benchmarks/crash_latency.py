@@ -1,5 +1,7 @@
 """What one fuzzer feels: ``pfclient.crash()`` latency (send to durable ack) below saturation,
-beside the floor: this disk's own ``fsync`` latency, measured in the same data directory.
+beside the floor: this disk's own ``fsync`` latency, measured in the same data directory,
+and two parts of the round trip measured alone: one SQLite commit of a 1 KiB row with the
+spool's settings (the disk part), and a stats event + ``flush()`` (socket, parse, ack: no disk).
 
 ``run.py`` measures the daemon saturated by 8 producers, where latency is mostly queueing.
 This measures one producer reporting crashes with 1 KiB inputs at a few fixed rates, each
@@ -61,13 +63,56 @@ def fsync_latency(directory: Path, count: int) -> dict[str, Any]:
             "p99_ms": round(_pct(lat, 0.99) * 1e3, 3)}  # fmt: skip
 
 
+def sqlite_commit_latency(directory: Path, count: int) -> dict[str, Any]:
+    """p50/p99 of one SQLite transaction inserting a 1 KiB row, WAL + ``synchronous=FULL``
+    (the spool's settings), in ``directory``: the disk part of a group commit of one crash."""
+    import sqlite3
+
+    path = directory / "commit-probe.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    lat = []
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE t (id TEXT PRIMARY KEY, body BLOB)")
+        for i in range(count):
+            row = (f"{i:08d}-{os.urandom(8).hex()}", os.urandom(1024))
+            t = time.perf_counter()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO t VALUES (?, ?)", row)
+            db.execute("COMMIT")
+            lat.append(time.perf_counter() - t)
+    finally:
+        db.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return {"count": count, "p50_ms": round(_pct(lat, 0.5) * 1e3, 3),
+            "p99_ms": round(_pct(lat, 0.99) * 1e3, 3)}  # fmt: skip
+
+
+def ipc_round_trip(client: Client, count: int) -> dict[str, Any]:
+    """p50/p99 of a stats event and ``flush()`` (acked without the disk: stats are coalesced
+    in memory): the socket, parse and ack part of a ``crash()`` round trip."""
+    lat = []
+    for i in range(count):
+        t = time.perf_counter()
+        client.stats(executions=i, exec_per_second=1.0)
+        client.flush()
+        lat.append(time.perf_counter() - t)
+        time.sleep(0.002)
+    return {"count": count, "p50_ms": round(_pct(lat, 0.5) * 1e3, 3),
+            "p99_ms": round(_pct(lat, 0.99) * 1e3, 3)}  # fmt: skip
+
+
 def bench_crash_latency(root: Path, rates: list[float], count: int) -> dict[str, Any]:
     """One in-process producer at each of ``rates``, beside this disk's fsync."""
     out: dict[str, Any] = {"load": h.load_now(), "input_bytes": 1024, "count": count}
     daemon = h.start_daemon(root, "latency")
     try:
         out["fsync"] = fsync_latency(daemon.data_dir, max(200, count))
+        out["sqlite_commit"] = sqlite_commit_latency(daemon.data_dir, max(200, count))
         with Client(str(daemon.socket_path), job_id="latency", fuzzer="bench") as client:
+            out["ipc_stats_flush"] = ipc_round_trip(client, max(200, count // 2))
             client.crash("SEGV", os.urandom(1024), signal=11)  # warm: connection, tables
             for rate in rates:
                 # fresh inputs per run: a repeated input would be deduplicated (a cheaper path)
