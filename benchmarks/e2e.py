@@ -255,7 +255,7 @@ def _end_to_end(
         "crashes": acked,
         "per_s": round(acked / elapsed),
         "acked_per_s": round(acked / (t_acked - t_go)),
-        "seconds": round(elapsed, 3),
+        "elapsed_s": round(elapsed, 3),  # go -> last crash stored at the master
         "daemon_cpu_s": round(cpu, 3),
         "daemon_cpu_s_per_1000": round(cpu / acked * 1000, 3) if acked else None,
         "master_cpu_s_per_1000": round(mcpu / acked * 1000, 3) if acked else None,
