@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
 from _producer import text_of
 
-__all__ = ["bench_e2e", "bench_storm", "ceiling", "run_producers"]
+__all__ = ["REAL_MASTER_COST", "bench_e2e", "bench_storm", "ceiling", "end_to_end", "run_producers"]
 
 #: The PandaFuzz master's cost per crash inside a batch (23 ms per 100, pandafuzz-master-api.md).
 REAL_MASTER_COST = 0.00023
@@ -178,7 +178,7 @@ def run_producers(
             proc.stdin.flush()
         for proc in procs:
             try:
-                rc = proc.wait(duration + h_wait(count, rate))
+                rc = proc.wait(duration + _extra_wait(count, rate))
             except subprocess.TimeoutExpired:
                 raise h.BenchError(f"producer {proc.args!r} did not finish") from None
             if rc != 0:
@@ -200,12 +200,12 @@ def run_producers(
     return results, t_go, lat
 
 
-def h_wait(count: int, rate: float) -> float:
+def _extra_wait(count: int, rate: float) -> float:
     """A bound on how long a producer may take beyond its offered time."""
     return 180.0 + (count / rate if rate > 0 else 0.0)
 
 
-def _end_to_end(
+def end_to_end(
     root: Path,
     name: str,
     cost: float,
@@ -279,7 +279,7 @@ def bench_e2e(
             ceil = ceiling(url, size["ceiling_s"])
         finally:
             h.stop_proc(master)
-        run = _end_to_end(root, f"e2e-{label}", c, size, producers, seconds=size["producer_s"])
+        run = end_to_end(root, f"e2e-{label}", c, size, producers, seconds=size["producer_s"])
         run["ceiling"] = ceil
         run["ratio"] = round(run["per_s"] / ceil["per_s"], 3)
         run["cost_per_item"] = c
@@ -301,7 +301,7 @@ def bench_storm(
         ceil = ceiling(url, size["storm_s"], per_batch, trace, output)
     finally:
         h.stop_proc(master)
-    run = _end_to_end(root, "storm", cost, size, producers, trace_bytes=big, output_bytes=big,
+    run = end_to_end(root, "storm", cost, size, producers, trace_bytes=big, output_bytes=big,
                       seconds=size["storm_s"])  # fmt: skip
     if run["max_body_bytes"] > BODY_LIMIT:
         raise h.BenchError(f"storm: a {run['max_body_bytes']} B body reached the master "

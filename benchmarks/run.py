@@ -10,8 +10,8 @@ c. end to end: results/s delivered to the reference master, batch mode next to i
 d. memory: the daemon's peak RSS while events arrive with the master down, nothing lost;
    and under pressure (``memory_pressure.py``): 64 producers of 1 MiB and 10 MiB inputs
    against a stalled spool, peak RSS within ``memory_budget + 100 MiB``;
-e. profile: py-spy's top frames of the daemon under ingest and durable crash load (skipped,
-   with a note, when py-spy is not installed);
+e. profile: py-spy's top frames of the daemon under ingest, durable crash load and the end to
+   end crash path of g (skipped, with a note, when py-spy is not installed);
 f. one producer's ``crash()`` round trip below saturation, beside this disk's fsync
    (``crash_latency.py``);
 g. end to end: 16 producers' ``crash()`` delivered to the reference master, beside that
@@ -46,8 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
 from _profile import top_frames
 from crash_latency import TARGET_P50_MS, TARGET_P99_MS, bench_crash_latency
-from e2e import REAL_MASTER_COST, bench_storm
-from e2e import _end_to_end as e2e_end_to_end
+from e2e import REAL_MASTER_COST, bench_storm, end_to_end
 from e2e import bench_e2e as bench_e2e_master
 from fleet import bench_fleet
 from memory_pressure import bench_pressure
@@ -335,7 +334,7 @@ def bench_profile(root: Path, size: dict[str, Any]) -> dict[str, Any]:
     # End to end: 16 producers' crash() delivered to a master at the real one's cost.
     raw = root / "profile-e2e.txt"
     e2e_size = {"cap": size["crash_cap"]}
-    run_e2e = e2e_end_to_end(root, "profile-e2e", REAL_MASTER_COST, e2e_size, 16,
+    run_e2e = end_to_end(root, "profile-e2e", REAL_MASTER_COST, e2e_size, 16,
                              seconds=size["profile_s"], profile=raw)  # fmt: skip
     out["e2e_crash"] = {"events": run_e2e["crashes"], "per_s_under_profiler": run_e2e["per_s"]}
     out["e2e_crash"].update(top_frames(raw.read_text()))
