@@ -426,6 +426,8 @@ def _table_issue13(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                          f"{r['events_per_s_per_bot']} events/s sent per bot "
                          f"(flush {fl['flush_s']} s)", ""))  # fmt: skip
     td = results.get("typed_decode", {})
+    if "skipped" in td:
+        rows.append(("j. stats frame typed decode (msgspec)", "skipped", td["skipped"], ""))
     if "msgspec_per_s" in td:
         rows.append(("j. stats frame typed decode (msgspec), /s", f"{td['msgspec_per_s']:,}",
                      f"msgpack.unpackb {td['unpackb_per_s']:,} ({td['ratio']:.2f}x); daemon "
