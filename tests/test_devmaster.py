@@ -616,3 +616,16 @@ def test_stats_report_the_largest_result_body(client: httpx.Client) -> None:
     assert raw(client, BATCH, big, **{"Content-Type": "application/json"}).status_code == 200
     assert client.post(CRASH, json=crash("small")).status_code == 200
     assert client.get("/_dev/stats").json()["max_body_bytes"] == len(big)
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "soon"])
+def test_cli_dev_master_refuses_a_bad_cost(bad: str) -> None:
+    from typer.testing import CliRunner
+
+    from pfcollector.cli import app
+
+    result = CliRunner().invoke(app, ["dev-master", "--port", "0", "--cost-per-item", bad])
+    assert result.exit_code == 2
+    assert "--cost-per-item" in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
