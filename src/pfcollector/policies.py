@@ -18,7 +18,7 @@ Coalesced kinds are acknowledged as *accepted* when they reach the :class:`Coale
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 from .events import Event, Kind
@@ -56,7 +56,9 @@ class Coalescer:
         self._pending: dict[tuple[Any, ...], Event] = {}
         # Ids taken in this interval, oldest first: a producer that resends after a lost ack
         # must not have its new_edges counted twice.
-        self._ids: dict[str, None] = {}
+        # OrderedDict: popitem(last=False) stays O(1); deleting a plain dict's first key slows
+        # down as deletions pile up (4.3 us an event against 0.44 us, benchmarks/run.py).
+        self._ids: OrderedDict[str, None] = OrderedDict()
 
     def add(self, event: Event) -> bool:
         """Merge a stats or coverage event into what is pending for its key.
@@ -98,10 +100,10 @@ class Coalescer:
     def take(self) -> list[Event]:
         """Everything pending, oldest key first; the coalescer is empty afterwards."""
         events, self._pending = list(self._pending.values()), {}
-        self._ids = {}
+        self._ids = OrderedDict()
         return events
 
     def _remember(self, id_: str) -> None:
         self._ids[id_] = None
         if len(self._ids) > self.max_ids:
-            del self._ids[next(iter(self._ids))]
+            self._ids.popitem(last=False)
