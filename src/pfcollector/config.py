@@ -277,6 +277,11 @@ class Config:
         return self.data_dir / "spool.db"
 
     @property
+    def outbox_dir(self) -> Path:
+        """Where clients write events the daemon could not acknowledge (``outbox.py``)."""
+        return self.data_dir.absolute() / "outbox"
+
+    @property
     def inputs_dir(self) -> Path:
         """The content-addressed directory of crash inputs."""
         return self.data_dir / "inputs"

@@ -39,6 +39,7 @@ from .logs import set_level
 from .master import RegisterError
 from .membudget import MemoryBudget, tune_allocator
 from .metrics import serve_metrics
+from .outbox import Importer, prepare_outbox
 from .pipeline import BATCH_QUEUE_SIZE, BatchPolicy, Pipeline
 from .policies import COALESCED_KINDS
 from .private import create_private_file, make_private_dir
@@ -108,6 +109,14 @@ class Daemon:
             coalesce_interval=(lambda: self.policy.flush_interval) if config.coalesce else None,
             budget=self.budget,
         )
+        self.outbox = Importer(
+            config.outbox_dir,
+            max_frame=config.max_frame,
+            allows=self.server.limits.allows,
+            socket_mode=config.socket_mode,
+            socket_group=config.socket_gid,
+        )
+        self.server.outbox = str(config.outbox_dir)
         self.pipeline = Pipeline(
             self.spool,
             self.policy,
@@ -147,9 +156,12 @@ class Daemon:
                 if handle_signals:
                     delivery.start_soon(self._on_signals)  # TERM/INT stop, HUP reloads
                 delivery.start_soon(self.input_writer.run)  # spooled input bytes -> files
+                outbox_send = self._prepare_outbox()
                 async with trio.open_nursery() as front:
                     # The socket: events until stop(), control requests until the drain ends.
                     await front.start(self.server.serve)
+                    if outbox_send is not None:  # outbox files -> channel, until stop()
+                        front.start_soon(self.outbox.run, outbox_send)
                     log.info(
                         "pfcollector %s listening on %s (%s mode, spool %s)",
                         __version__,
@@ -177,12 +189,24 @@ class Daemon:
         else:
             log.info("stopped; %d event(s) remain in the spool", self.spool.total_count)
 
+    def _prepare_outbox(self) -> trio.MemorySendChannel[Pending] | None:
+        """The outbox's own sender on the ingest channel, or None if it cannot be used."""
+        try:
+            prepare_outbox(self.config.outbox_dir, self.config.socket_gid)
+        except OSError as exc:
+            log.error("outbox disabled, clients' files will not be imported: %s",
+                      exc.strerror or exc)  # fmt: skip
+            self.server.outbox = None
+            return None
+        return self.ingest_send.clone()
+
     def stop(self) -> None:
         """Begin a graceful shutdown: take no more events; :meth:`run` drains and returns.
 
         Control requests (``status``) are answered until the drain is over.
         """
         self.stopping = True
+        self.outbox.stop()  # its clone of the ingest channel closes: the committer can end
         self.server.stop_ingest()
 
     def skip_drain(self, reason: str = "a second signal") -> None:
@@ -461,6 +485,7 @@ class Daemon:
                 for kind in Kind
             },
             "errors": dict(stats.errors),
+            "outbox": self.outbox.status(),
             "queue": {"depth": queue.current_buffer_used, "capacity": INGEST_QUEUE_SIZE},
             "memory": self.budget.snapshot(),
             "spool": {

@@ -255,6 +255,17 @@ def _ingest_families(s: Snapshot) -> Iterator[Metric]:
     for code, n in sorted(s.get("errors", {}).items()):
         errors.add_metric([code], n)
     yield errors
+    outbox = s.get("outbox") or {}
+    yield CounterMetricFamily(
+        "pfcollector_outbox_imported",
+        "Outbox files stored in the spool (events clients wrote while the daemon was away).",
+        value=outbox.get("imported", 0),
+    )
+    yield CounterMetricFamily(
+        "pfcollector_outbox_rejected",
+        "Outbox files refused and moved to outbox/rejected/.",
+        value=outbox.get("rejected", 0),
+    )
     queue = s.get("queue", {})
     yield GaugeMetricFamily(
         "pfcollector_ingest_queue_depth",

@@ -193,6 +193,8 @@ class Welcome:
     version: int
     daemon: str
     max_frame: int
+    #: The daemon's outbox directory (absolute), where clients write events it cannot ack.
+    outbox: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +255,8 @@ def encode(msg: ClientMessage | ServerMessage) -> bytes:
         obj = {"t": "control", "req": msg.req, "op": msg.op, "args": msg.args}
     elif isinstance(msg, Welcome):
         obj = {"t": "welcome", "v": msg.version, "daemon": msg.daemon, "max_frame": msg.max_frame}
+        if msg.outbox is not None:
+            obj["outbox"] = msg.outbox
     elif isinstance(msg, ErrorMsg):
         obj = {"t": "error", "code": msg.code, "message": msg.message, "seq": msg.seq,
                "field": msg.field, "fatal": msg.fatal}  # fmt: skip
@@ -510,8 +514,10 @@ def parse_server_message(obj: dict[Any, Any]) -> ServerMessage:
         return Reply(check.typed(obj, "req", int), check.typed(obj, "ok", bool),
                      obj.get("result"), error)  # fmt: skip
     if t == "welcome":
+        outbox = obj.get("outbox")
         return Welcome(check.typed(obj, "v", int), check.typed(obj, "daemon", str),
-                       check.typed(obj, "max_frame", int))  # fmt: skip
+                       check.typed(obj, "max_frame", int),
+                       check.typed(obj, "outbox", str) if outbox is not None else None)  # fmt: skip
     raise MessageError("unknown_message", f"unknown message type {_describe(t)}; expected "
                        "welcome, ack, error or reply", field="t")  # fmt: skip
 

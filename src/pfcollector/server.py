@@ -228,6 +228,8 @@ class Server:
         self._coalesced = Reservation(self.budget)  # what the coalescer holds
         self._taken: list[Pending] = []  # taken from the coalescer, not yet on the channel
         self._no_acks = AckTracker()
+        #: Sent in every welcome: where clients write what the daemon cannot ack (outbox.py).
+        self.outbox: str | None = None
 
     async def serve(
         self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
@@ -500,7 +502,7 @@ class Server:
         self, msg: Hello, info: ConnectionInfo, send: Callable[[ServerMessage], Awaitable[None]]
     ) -> None:
         info.job_id, info.fuzzer = msg.job_id, msg.fuzzer
-        await send(Welcome(1, f"pfcollector {__version__}", self.max_frame))
+        await send(Welcome(1, f"pfcollector {__version__}", self.max_frame, self.outbox))
 
     async def _answer(self, msg: Control, info: ConnectionInfo) -> Reply:
         try:
