@@ -18,6 +18,13 @@ from pfcollector.daemon import Daemon
 from pfcollector.events import Event, Kind
 
 
+@pytest.fixture(autouse=True)
+def _private_client_outbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that falls back to its outbox writes under the test's tmp_path, never in
+    the home directory (a test that needs the daemon's outbox names it)."""
+    monkeypatch.setenv("PFCOLLECTOR_OUTBOX", str(tmp_path / "client-outbox"))
+
+
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="pf"))

@@ -167,7 +167,7 @@ def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
 
 @pytest.fixture
 def client(daemon: FakeDaemon) -> Iterator[Client]:
-    with Client(daemon.path, job_id="job-1", fuzzer="afl++", timeout=2.0) as pf:
+    with Client(daemon.path, job_id="job-1", fuzzer="afl++", fail_open=False, timeout=2.0) as pf:
         yield pf
 
 
@@ -237,7 +237,7 @@ def test_flush_raises_first_rejection_and_keeps_all(client: Client) -> None:
 
 def test_flush_timeout(daemon: FakeDaemon) -> None:
     daemon.ack = False
-    with Client(daemon.path, job_id="j", fuzzer="f", timeout=0.1) as pf:
+    with Client(daemon.path, job_id="j", fuzzer="f", fail_open=False, timeout=0.1) as pf:
         pf.coverage(1)
         with pytest.raises(FlushTimeout, match="1 events not acknowledged"):
             pf.flush(timeout=0.05)
@@ -245,7 +245,9 @@ def test_flush_timeout(daemon: FakeDaemon) -> None:
 
 def test_max_unacked_blocks_then_times_out(daemon: FakeDaemon) -> None:
     daemon.ack = False
-    with Client(daemon.path, job_id="j", fuzzer="f", timeout=0.1, max_unacked=2) as pf:
+    with Client(
+        daemon.path, job_id="j", fuzzer="f", fail_open=False, timeout=0.1, max_unacked=2
+    ) as pf:
         pf.coverage(1)
         pf.coverage(2)
         with pytest.raises(FlushTimeout, match="not keeping up"):
@@ -255,21 +257,21 @@ def test_max_unacked_blocks_then_times_out(daemon: FakeDaemon) -> None:
 def test_daemon_unavailable_names_path(tmp_path: Path) -> None:
     path = tmp_path / "nobody-home.sock"
     with pytest.raises(DaemonUnavailable, match=r"nobody-home\.sock") as info:
-        Client(path, job_id="j", fuzzer="f", timeout=0.2)
+        Client(path, job_id="j", fuzzer="f", fail_open=False, timeout=0.2)
     assert "No such file" in str(info.value)
 
 
 def test_unsupported_version_raises_event_rejected(daemon: FakeDaemon) -> None:
     daemon.refuse_hello = True
     with pytest.raises(EventRejected) as info:
-        Client(daemon.path, job_id="j", fuzzer="f", timeout=1.0)
+        Client(daemon.path, job_id="j", fuzzer="f", fail_open=False, timeout=1.0)
     assert info.value.code == "unsupported_version"
     assert info.value.fatal
 
 
 def test_bad_hello_raises_event_rejected(daemon: FakeDaemon) -> None:
     with pytest.raises(EventRejected) as info:
-        Client(daemon.path, job_id="", fuzzer="f", timeout=1.0)
+        Client(daemon.path, job_id="", fuzzer="f", fail_open=False, timeout=1.0)
     assert (info.value.code, info.value.field) == ("out_of_range", "job_id")
 
 
@@ -341,7 +343,7 @@ def test_module_status_unavailable(tmp_path: Path) -> None:
 
 
 def test_close_is_idempotent_and_final(daemon: FakeDaemon) -> None:
-    pf = Client(daemon.path, job_id="j", fuzzer="f", timeout=1.0)
+    pf = Client(daemon.path, job_id="j", fuzzer="f", fail_open=False, timeout=1.0)
     pf.coverage(1)
     pf.close()
     pf.close()

@@ -340,6 +340,8 @@ def test_sigkill_rounds_lose_nothing_acknowledged(
                         f"job-{i}",
                     ],
                     stdout=subprocess.DEVNULL,
+                    # where the daemon imports from, should a client never see its welcome
+                    env={**os.environ, "PFCOLLECTOR_OUTBOX": str(daemon.data_dir / "outbox")},
                 )
             )
         kills = []

@@ -55,7 +55,7 @@ def send_event(socket_path: Path | None, job: str, fuzzer: str, kind: str,
     Raises:
         PfClientError: the daemon is unreachable, refused the event, or did not ack in time.
     """
-    client = Client(socket_path, job_id=job, fuzzer=fuzzer, timeout=timeout)
+    client = Client(socket_path, job_id=job, fuzzer=fuzzer, timeout=timeout, fail_open=False)
     try:
         event_id = submit(client, kind, fields, ts=ts, event_id=event_id)
         client.flush()

@@ -12,18 +12,32 @@ imports the daemon, and starts no thread. Typical use::
 See ``docs/protocol.md`` for the wire protocol it speaks.
 """
 
-from ._client import REJECTED_KEEP, Client, status
-from ._errors import DaemonUnavailable, EventRejected, FlushTimeout, PfClientError
+from ._client import DEFAULT_BUDGET, DEFAULT_QUEUE_BYTES, REJECTED_KEEP, Client, status
+from ._errors import (
+    DaemonUnavailable,
+    EventRejected,
+    FlushTimeout,
+    OutboxUnavailable,
+    PfClientError,
+    UntrustedDaemon,
+)
+from ._outbox import default_outbox_dir, write_event
 from ._wire import PROTOCOL_VERSION, default_socket_path
 
 __all__ = [
+    "DEFAULT_BUDGET",
+    "DEFAULT_QUEUE_BYTES",
     "PROTOCOL_VERSION",
     "REJECTED_KEEP",
     "Client",
     "DaemonUnavailable",
     "EventRejected",
     "FlushTimeout",
+    "OutboxUnavailable",
     "PfClientError",
+    "UntrustedDaemon",
+    "default_outbox_dir",
     "default_socket_path",
     "status",
+    "write_event",
 ]

@@ -2,24 +2,35 @@
 
 The protocol bookkeeping (seqs, the unacknowledged queue, acks, rejections, replies, the
 welcome) is the sans-I/O :class:`pfclient._session.Session`, shared with the async clients;
-this module adds the socket I/O, the lock, the waiting and the reconnect policy.
+this module adds the socket I/O, the lock, the waiting, the reconnect policy and the outbox.
+
+Fail-open (the default): the harness comes first. Creating the client, ``stats``,
+``coverage``, ``corpus`` and ``lifecycle`` never raise because the daemon is absent, hung or
+untrusted, and never spend more than ``budget`` seconds (default :data:`DEFAULT_BUDGET`) on
+I/O: every socket operation is non-blocking, the handshake completes in the background of
+later calls, and a lost daemon is reconnected to (with a backoff up to :data:`RECONNECT_MAX`)
+in the background of later calls, which resend what it had not acknowledged, with the same
+ids. Meanwhile events wait in a queue bounded in bytes (``queue_bytes``, default
+:data:`DEFAULT_QUEUE_BYTES`): past it the oldest stats and coverage are dropped, counted in
+:attr:`Client.dropped`. ``crash()`` waits up to ``timeout`` for the daemon's durable ack; without
+one (no daemon, a refused or untrusted connection, a hung daemon) it writes the crash to the
+outbox (``docs/protocol.md``, "The outbox") and returns its id; it raises only if that fails
+too. A corpus event with ``contents`` takes the outbox when no daemon holds it.
+
+``fail_open=False`` keeps the strict behaviour: the constructor and calls raise
+:class:`DaemonUnavailable`, waits raise :class:`FlushTimeout`, a full queue blocks.
 
 Resource handling:
-    A :class:`Client` owns one Unix socket. It starts no thread (harnesses fork): every call does
-    its own I/O under one lock, and after each send it reads whatever acks are already waiting,
-    without blocking, so the daemon's writes never back up. Frames not yet acknowledged are kept
-    (at most ``max_unacked``; beyond that a call blocks reading acks: flow control) and are
-    resent, with the same event ids and fresh seqs, after a reconnect.
+    A :class:`Client` owns one Unix socket and starts no thread (harnesses fork).
 
 Error handling:
-    A broken connection (EPIPE, ECONNRESET, EOF, a garbled frame) is repaired by reconnecting
-    once per call; if that fails the call raises :class:`DaemonUnavailable` and the events stay
-    queued for the next call. A waiting call raises :class:`FlushTimeout` when its time is up.
+    A refused event raises :class:`EventRejected` (from ``crash`` or ``flush``) in both modes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import select
@@ -28,19 +39,53 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._errors import DaemonUnavailable, EventRejected, FlushTimeout, PfClientError
-from ._session import REJECTED_KEEP, Session, check_lifecycle
-from ._status import open_socket, path_of, status
+from ._errors import (
+    DaemonUnavailable,
+    EventRejected,
+    FlushTimeout,
+    OutboxUnavailable,
+    PfClientError,
+    UntrustedDaemon,
+)
+from ._outbox import default_outbox_dir, write_event
+from ._session import REJECTED_KEEP, Pending, Session, check_lifecycle
+from ._status import check_peer, path_of, status, trusted_uids
 from ._wire import WireError
 
-__all__ = ["REJECTED_KEEP", "Client", "status"]
+__all__ = [
+    "DEFAULT_BUDGET",
+    "DEFAULT_QUEUE_BYTES",
+    "RECONNECT_MAX",
+    "REJECTED_KEEP",
+    "RETRY_LATER",
+    "Client",
+    "status",
+]
 
+log = logging.getLogger("pfclient")
+
+#: Seconds a non-waiting call may spend on I/O with the daemon (fail-open).
+DEFAULT_BUDGET = 0.005
+#: Bytes of events a client keeps for a daemon that has not acknowledged them.
+DEFAULT_QUEUE_BYTES = 32 * 1024 * 1024
+#: The longest wait between two reconnection attempts (it starts at :data:`_RECONNECT_MIN`).
+RECONNECT_MAX = 2.0
+#: Refusals that mean "not now" (the daemon's disk or spool): a crash goes to the outbox.
+RETRY_LATER = frozenset({"spool_full", "disk_full", "spool_write_failed", "draining"})
+_RECONNECT_MIN = 0.05
+_CLOSE_FLUSH = 1.0  # seconds close() waits for acks in fail-open mode
 _READ_SIZE = 64 * 1024
+_OUT_AHEAD = 256 * 1024  # bytes encoded ahead of the socket (the rest stays droppable)
+_DROPPABLE = ("stats", "coverage")
 _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)  # no SIGPIPE, ever
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
+#: The outbox each daemon (by socket path) named in its last welcome to this process, so a
+#: client made while that daemon is away still writes where it imports.
+_known_outboxes: dict[str, str] = {}
 
 
 class _Broken(Exception):
@@ -50,20 +95,32 @@ class _Broken(Exception):
 class Client:
     """A connection to the pfcollector daemon for one fuzzing job.
 
-    Every method may be called from any thread. A call that waits (``crash``, ``flush``,
-    ``status``, or any call while ``max_unacked`` events are outstanding) holds the client
-    while it waits: other threads' calls queue behind it.
+    Every method may be called from any thread; one lock serialises them.
 
     Args:
         socket_path: The daemon's socket; :func:`default_socket_path` when ``None``.
         job_id: The job every event belongs to unless a call names another.
         fuzzer: The fuzzer's name, e.g. ``"afl++"``.
-        timeout: Seconds for connecting and the default for every wait.
-        max_unacked: Events sent but not yet acknowledged before a call blocks.
+        timeout: Seconds ``crash`` waits for the durable ack (then: the outbox), and the
+            default of every explicit wait (``flush``, ``status``).
+        max_unacked: Events sent and not yet acknowledged before the queue counts as full.
+        fail_open: Never raise or block for a missing, hung or untrusted daemon (above).
+        budget: Seconds a non-waiting call may spend on I/O (fail-open).
+        queue_bytes: Bound of the in-client queue, in bytes of encoded events.
+        outbox: The outbox directory to use until a daemon names its own (``welcome``);
+            default ``$PFCOLLECTOR_OUTBOX`` or ``<data dir>/outbox``.
+        trust_uids: Uids besides this process's own and root that the daemon may run as
+            (also ``$PFCOLLECTOR_DAEMON_UID``, comma-separated).
+
+    Attributes:
+        dropped: Stats and coverage events dropped from a full queue, by kind.
+        outboxed: Events written to the outbox.
 
     Raises:
-        DaemonUnavailable: the daemon cannot be reached or does not answer the hello.
-        EventRejected: the daemon refused the hello (e.g. ``unsupported_version``).
+        DaemonUnavailable: (``fail_open=False``) the daemon cannot be reached or does not
+            answer the hello in time; :class:`UntrustedDaemon` if it runs as a foreign uid.
+        EventRejected: (``fail_open=False``) the daemon refused the hello.
+        ValueError: bad arguments, or a bad ``$PFCOLLECTOR_DAEMON_UID``.
     """
 
     def __init__(
@@ -74,23 +131,50 @@ class Client:
         fuzzer: str,
         timeout: float = 10.0,
         max_unacked: int = 4096,
+        fail_open: bool = True,
+        budget: float = DEFAULT_BUDGET,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        outbox: str | os.PathLike[str] | None = None,
+        trust_uids: Iterable[int] | None = None,
     ) -> None:
         if max_unacked < 1:
             raise ValueError(f"max_unacked must be at least 1, got {max_unacked}")
+        if queue_bytes < 1:
+            raise ValueError(f"queue_bytes must be at least 1, got {queue_bytes}")
         self.socket_path = path_of(socket_path)
         self.job_id = job_id
         self.fuzzer = fuzzer
         self.timeout = timeout
         self.max_unacked = max_unacked
+        self.fail_open = fail_open
+        self.budget = budget
+        self.queue_bytes = queue_bytes
+        self.outbox = os.fspath(outbox) if outbox is not None else None
+        self.dropped: Counter[str] = Counter()
+        self.outboxed = 0
+        self._trusted = trusted_uids(trust_uids)
         self._session = Session(job_id, fuzzer)
         self._lock = threading.RLock()
         self._sock: socket.socket | None = None
         self._poll = select.poll()
+        self._out = bytearray()  # encoded frames not yet written (hello, events, controls)
+        self._unsent: deque[Pending] = deque()  # queued, not yet encoded on this connection
+        self._droppable: deque[Pending] = deque()  # stats and coverage, oldest first
+        self._daemon_outbox: str | None = None
+        self._connect_after = 0.0
+        self._backoff = _RECONNECT_MIN
         self._reconnected = False
+        self._stalled = False  # a crash went unacknowledged on this connection
+        self._away_logged = False
+        self._last_error: BaseException | str = "not connected yet"
+        self._last_refusal: EventRejected | None = None  # the daemon refused our hello
         self._closed = False
         _clients.add(self)
         with self._lock:
-            self._connect()
+            if fail_open:
+                self._pump(time.monotonic() + budget)
+            else:
+                self._connect_strict(time.monotonic() + timeout)
 
     @property
     def rejected(self) -> list[EventRejected]:
@@ -100,6 +184,16 @@ class Client:
     @rejected.setter
     def rejected(self, value: list[EventRejected]) -> None:
         self._session.rejected = value
+
+    @property
+    def connected(self) -> bool:
+        """Whether the daemon answered this connection's hello (and it is still open)."""
+        return self._sock is not None and self._session.welcome is not None
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of events waiting for the daemon's ack."""
+        return self._session.queued_bytes
 
     # -- public API -------------------------------------------------------------------------
 
@@ -116,7 +210,7 @@ class Client:
         ts: float | None = None,
         id: str | None = None,
     ) -> str:
-        """Report a crash and wait until the daemon has stored it durably.
+        """Report a crash; return once it is durable (in the daemon's spool, or the outbox).
 
         ``id`` makes the event's id stable across retries by the caller (a watcher that
         restarts, say): the daemon stores an id once. By default a uuid4 is made here.
@@ -125,9 +219,9 @@ class Client:
             The event id.
 
         Raises:
-            EventRejected: the daemon refused this crash.
-            FlushTimeout: no acknowledgement within :attr:`timeout`.
-            DaemonUnavailable: the daemon cannot be reached (the crash stays queued).
+            EventRejected: the daemon refused this crash as invalid.
+            OutboxUnavailable: (fail-open) neither the daemon nor the outbox took it.
+            FlushTimeout, DaemonUnavailable: (``fail_open=False``) no ack in time, no daemon.
         """
         fields = {"type": type, "signal": signal, "exit_code": exit_code, "output": output,
                   "stack_trace": stack_trace, "input": bytes(input)}  # fmt: skip
@@ -161,6 +255,7 @@ class Client:
 
         ``contents`` (one ``bytes`` per file) lets the daemon store the inputs once and
         deduplicate the corpus by content hash; without it, entries are deduplicated by name.
+        With ``contents``, an event no daemon holds goes to the outbox (fail-open).
         """
         fields: dict[str, Any] = {"files": list(files), "total_size": total_size}
         if contents is not None:
@@ -199,13 +294,16 @@ class Client:
                 :attr:`timeout`) seconds.
             EventRejected: the first event refused since the last flush (all of them are in
                 :attr:`rejected`).
-            DaemonUnavailable: the connection broke and reconnecting failed.
+            DaemonUnavailable: there is no daemon to acknowledge them (they stay queued).
         """
         with self._lock:
             self._begin()
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             s = self._session
-            if not self._wait_until(lambda: not s.unacked, deadline):
+            outcome = self._wait_until(lambda: not s.unacked, deadline)
+            if outcome == "absent":
+                raise self._unavailable()
+            if outcome == "timeout":
                 raise FlushTimeout(f"{len(s.unacked)} events not acknowledged by the daemon "
                                    f"at {self.socket_path} in time")  # fmt: skip
             first = s.take_unreported()
@@ -224,32 +322,49 @@ class Client:
 
         Raises:
             PfClientError: the daemon answered ``ok: false`` (its error is the message).
-            FlushTimeout: no reply in time.
+            FlushTimeout: no reply in time. DaemonUnavailable: no daemon.
         """
         with self._lock:
             self._begin()
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             req, frame = self._session.control(op, args)
             replies = self._session.replies
-            self._send_control(frame, deadline)
-            again = lambda: self._send_control(frame, deadline)  # noqa: E731
-            if not self._wait_until(lambda: req in replies, deadline, resend=again):
-                raise FlushTimeout(f"no reply to control op {op!r} from {self.socket_path}")
+            for _attempt in range(2):
+                if self._sock is None and not self._try_connect(force=True):
+                    raise self._unavailable()
+                self._out += frame
+                outcome = self._wait_until(lambda: req in replies or self._sock is None,
+                                           deadline)  # fmt: skip
+                if req in replies:
+                    break
+                if outcome == "timeout":
+                    raise FlushTimeout(f"no reply to control op {op!r} from {self.socket_path}")
+            else:
+                raise self._unavailable()
             reply = replies.pop(req)
         if reply.get("ok") is not True:
             raise PfClientError(f"control op {op!r} failed: {reply.get('error')}")
         return reply.get("result")
 
     def close(self) -> None:
-        """Flush (best effort, up to :attr:`timeout`), then close the socket. Idempotent."""
+        """Flush (best effort), then close the socket. Idempotent.
+
+        Fail-open: waits at most about a second, never raises, and writes the lifecycle and
+        corpus events still unacknowledged to the outbox (stats and coverage are dropped).
+        """
         with self._lock:
             if self._closed:
                 return
             try:
-                self.flush()
+                if not self.fail_open:
+                    self.flush()
+                elif self._session.unacked and self.connected:
+                    self.flush(timeout=min(self.timeout, _CLOSE_FLUSH))
             except PfClientError:
                 pass
             finally:
+                if self.fail_open:
+                    self._spill(lambda p: p.kind not in _DROPPABLE)
                 self._drop()
                 self._closed = True
 
@@ -259,12 +374,12 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- sending ----------------------------------------------------------------------------
+    # -- submitting -------------------------------------------------------------------------
 
     def _begin(self) -> None:
         if self._closed:
             raise PfClientError("the client is closed")
-        self._reconnected = False  # each public call may reconnect once
+        self._reconnected = False  # each public call may reconnect at once, once
 
     def _submit(
         self, kind: str, fields: dict[str, Any], job_id: str | None, ts: float | None,
@@ -276,141 +391,302 @@ class Client:
         with self._lock:
             self._begin()
             pending = s.event(kind, fields, job_id, ts, event_id, waited=wait)
+            if self.fail_open:
+                if wait:
+                    return self._crash_open(pending)
+                self._queue_open(pending)
+                return event_id
             deadline = time.monotonic() + self.timeout
-            if not self._wait_until(lambda: len(s.unacked) < self.max_unacked, deadline):
+            if self._wait_until(self._has_room, deadline) == "timeout":
                 raise FlushTimeout(f"{len(s.unacked)} events unacknowledged by the daemon at "
                                    f"{self.socket_path}; it is not keeping up")  # fmt: skip
-            s.unacked[event_id] = pending
-            try:
-                self._send(s.frame(pending), deadline)
-            except _Broken:
-                self._recover()  # resends everything queued, this event included
-            if wait:
-                if not self._wait_until(lambda: pending.done, deadline):
-                    pending.waited = False  # so a late rejection reaches flush()
-                    raise FlushTimeout(f"{kind} event {event_id} not acknowledged in time")
-                if pending.error is not None:
-                    raise pending.error
+            self._enqueue(pending)
+            outcome = self._wait_until(
+                (lambda: pending.done) if wait else self._written, deadline
+            )
+            if outcome == "absent":
+                raise self._unavailable()
+            if outcome == "timeout":
+                pending.waited = False  # so a late rejection reaches flush()
+                raise FlushTimeout(f"{kind} event {event_id} not acknowledged in time")
+            if pending.error is not None:
+                raise pending.error
         return event_id
 
-    def _send_control(self, frame: bytes, deadline: float) -> None:
-        try:
-            self._send(frame, deadline)
-        except _Broken:
-            self._recover()
+    def _queue_open(self, pending: Pending) -> None:
+        """Fail-open, non-waiting: queue (making room) and do a budget's worth of I/O."""
+        deadline = time.monotonic() + self.budget
+        self._pump(deadline)
+        if pending.kind == "corpus" and "contents" in pending.body and not self.connected:
+            with contextlib.suppress(OutboxUnavailable):
+                self._to_outbox(pending)  # its bytes would be lost with this process
+                return
+        if not self._make_room(pending):
+            if pending.kind in _DROPPABLE:
+                self.dropped[pending.kind] += 1
+                return
             try:
-                self._send(frame, deadline)
-            except _Broken as exc:
-                raise self._unavailable(exc) from None
+                self._to_outbox(pending)
+                return
+            except OutboxUnavailable as exc:
+                log.warning("%s; the event stays queued past queue_bytes", exc)
+        self._enqueue(pending)
+        self._pump(deadline)
 
-    def _send(self, frame: bytes, deadline: float) -> None:
-        """Write ``frame`` whole, reading acks while the socket is full. Raises ``_Broken``."""
-        sock = self._sock
-        if sock is None:
-            raise _Broken("not connected")
-        view = memoryview(frame)
+    def _crash_open(self, pending: Pending) -> str:
+        """Fail-open crash: the daemon's durable ack within ``timeout``, else the outbox."""
+        self._pump(time.monotonic() + self.budget)
+        if self._sock is None or self._stalled or not self._make_room(pending):
+            self._to_outbox(pending)
+            return pending.id
+        self._enqueue(pending)
+        outcome = self._wait_until(lambda: pending.done, time.monotonic() + self.timeout)
+        if outcome == "done" and pending.error is None:
+            return pending.id
+        if outcome == "done":
+            assert pending.error is not None
+            if pending.error.code not in RETRY_LATER:
+                raise pending.error
+        elif outcome == "timeout":
+            self._stalled = True  # the next crashes do not wait for this daemon
+            log.warning("the daemon at %s did not acknowledge a crash in %.1fs; crashes go to "
+                        "the outbox until it answers", self.socket_path, self.timeout)  # fmt: skip
+        self._session.discard(pending)
+        self._to_outbox(pending)
+        return pending.id
+
+    def _has_room(self) -> bool:
+        s = self._session
+        return len(s.unacked) < self.max_unacked
+
+    def _written(self) -> bool:
+        return not self._out and not self._unsent and self._session.welcome is not None
+
+    def _make_room(self, pending: Pending) -> bool:
+        """Drop the oldest stats and coverage until ``pending`` fits; False if it cannot."""
+        s = self._session
+
+        def fits() -> bool:
+            return (s.queued_bytes + pending.size <= self.queue_bytes
+                    and len(s.unacked) < self.max_unacked)  # fmt: skip
+
+        while not fits() and self._droppable:
+            victim = self._droppable.popleft()
+            if s.discard(victim):
+                self.dropped[victim.kind] += 1
+        return fits()
+
+    def _enqueue(self, pending: Pending) -> None:
+        self._session.queue(pending)
+        self._unsent.append(pending)
+        if pending.kind in _DROPPABLE:
+            self._droppable.append(pending)
+
+    # -- the outbox -------------------------------------------------------------------------
+
+    def outbox_dir(self) -> str:
+        """Where this client writes what the daemon could not acknowledge."""
+        known = self._daemon_outbox or _known_outboxes.get(self.socket_path)
+        return known or self.outbox or default_outbox_dir()
+
+    def _to_outbox(self, pending: Pending) -> None:
+        s = self._session
+        hello = {"job_id": s.job_id, "fuzzer": s.fuzzer, "pid": os.getpid()}
+        directory = self.outbox_dir()
         try:
-            while view:
-                with contextlib.suppress(BlockingIOError):
-                    view = view[sock.send(view, _SEND_FLAGS) :]
-                if view:
-                    ready = self._poll_for(select.POLLIN | select.POLLOUT, deadline)
-                    if not ready:
-                        raise _Broken("timed out writing to the daemon")
-                    if ready & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                        self._drain()
-            self._drain()
+            write_event(directory, hello, pending.body)
+        except (OSError, ValueError) as exc:
+            raise OutboxUnavailable(f"{pending.kind} event {pending.id}: no daemon took it at "
+                                    f"{self.socket_path} and the outbox {directory} cannot be "
+                                    f"written: {exc}") from exc  # fmt: skip
+        self.outboxed += 1
+
+    def _spill(self, which: Callable[[Pending], bool]) -> None:
+        """Move queued events matching ``which`` to the outbox (best effort)."""
+        s = self._session
+        for pending in [p for p in s.unacked.values() if which(p)]:
+            try:
+                self._to_outbox(pending)
+            except OutboxUnavailable as exc:
+                log.warning("%s", exc)
+                return
+            s.discard(pending)
+
+    # -- I/O --------------------------------------------------------------------------------
+
+    def _pump(self, deadline: float) -> None:
+        """Without blocking: connect if due, write what is ready, read what has arrived."""
+        if self._sock is None and not self._try_connect():
+            return
+        try:
+            while True:
+                progressed = self._read()
+                if self._session.welcome is not None:
+                    self._fill()
+                if self._out:
+                    progressed = self._write() or progressed
+                if not progressed or time.monotonic() >= deadline:
+                    return
+        except _Broken as exc:
+            self._lost(exc)
+
+    def _fill(self) -> None:
+        """Encode queued events (fresh seqs) up to :data:`_OUT_AHEAD` bytes ahead."""
+        s, out, unsent = self._session, self._out, self._unsent
+        while unsent and len(out) < _OUT_AHEAD:
+            pending = unsent.popleft()
+            if s.unacked.get(pending.id) is pending and pending.seq == 0:
+                out += s.frame(pending)
+
+    def _write(self) -> bool:
+        sock = self._sock
+        assert sock is not None
+        try:
+            sent = sock.send(self._out, _SEND_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return False
         except OSError as exc:
             raise _Broken(f"sending failed: {exc}") from exc
+        del self._out[:sent]
+        return sent > 0
 
-    # -- receiving --------------------------------------------------------------------------
-
-    def _poll_for(self, mask: int, deadline: float) -> int:
+    def _read(self) -> bool:
+        """Handle every message already readable; whether anything came. Raises ``_Broken``."""
         sock = self._sock
         assert sock is not None
-        self._poll.modify(sock, mask)
-        remaining = max(0.0, deadline - time.monotonic())
-        events = self._poll.poll(math.ceil(remaining * 1000))
-        return events[0][1] if events else 0
-
-    def _drain(self) -> None:
-        """Handle every message already readable, without blocking. Raises ``_Broken``."""
-        sock = self._sock
-        assert sock is not None
+        s = self._session
+        got = False
         while True:
             try:
                 data = sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
+            except (BlockingIOError, InterruptedError):
+                return got
             except OSError as exc:
                 raise _Broken(f"receiving failed: {exc}") from exc
             if not data:
                 raise _Broken("the daemon closed the connection")
+            got, self._stalled = True, False
+            welcomed = s.welcome is not None
             try:
-                self._session.feed(data)
+                s.feed(data)
             except WireError as exc:
                 raise _Broken(str(exc)) from exc
+            if s.hello_error is not None:
+                raise _Broken(f"the daemon refused the hello: {s.hello_error}")
+            if not welcomed and s.welcome is not None:
+                self._welcomed()
 
-    def _wait_until(
-        self, done: Callable[[], bool], deadline: float, resend: Callable[[], None] | None = None
-    ) -> bool:
-        """Read from the daemon until ``done()`` or the deadline; False if time ran out."""
-        while not done():
+    def _welcomed(self) -> None:
+        welcome = self._session.welcome
+        assert welcome is not None
+        outbox = welcome.get("outbox")
+        if isinstance(outbox, str) and outbox:
+            self._daemon_outbox = _known_outboxes[self.socket_path] = outbox
+        self._backoff = _RECONNECT_MIN
+        if self._away_logged:
+            log.warning("reconnected to the pfcollector daemon at %s", self.socket_path)
+        self._away_logged = False
+
+    def _wait_until(self, done: Callable[[], bool], deadline: float) -> str:
+        """Work the connection until ``done()``: ``"done"``, ``"timeout"``, or ``"absent"``
+        (no daemon, after one immediate reconnection attempt in this call)."""
+        while True:
+            self._pump(deadline)
+            if done():
+                return "done"
             if self._sock is None:
-                self._recover()
-                if resend is not None:
-                    resend()
-                continue
-            try:
-                if self._poll_for(select.POLLIN, deadline):
-                    self._drain()
-                elif time.monotonic() >= deadline:
-                    return False
-            except _Broken:
-                self._drop()
-        return True
+                if self._try_connect(force=True):
+                    continue
+                return "absent"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            mask = select.POLLIN
+            if self._out or (self._unsent and self._session.welcome is not None):
+                mask |= select.POLLOUT
+            self._poll.modify(self._sock, mask)
+            self._poll.poll(math.ceil(remaining * 1000))
 
     # -- connecting -------------------------------------------------------------------------
 
-    def _recover(self) -> None:
-        """Reconnect (once per public call) and resend every unacknowledged event."""
-        if self._reconnected:
-            self._drop()
-            raise DaemonUnavailable(f"lost the connection to the pfcollector daemon at "
-                                    f"{self.socket_path} again after reconnecting")  # fmt: skip
-        self._reconnected = True
-        self._drop()
-        self._connect()
+    def _try_connect(self, force: bool = False) -> bool:
+        """Connect without blocking and queue the hello; False if there is no daemon now.
 
-    def _connect(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        sock = open_socket(self.socket_path, self.timeout)
+        Not before the backoff allows, unless ``force`` (once per public call).
+        """
+        now = time.monotonic()
+        if force:
+            if self._reconnected:
+                return False
+            self._reconnected = True
+        elif now < self._connect_after:
+            return False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)  # fmt: skip
+        try:
+            sock.connect(self.socket_path)
+            check_peer(sock, self.socket_path, self._trusted)
+        except (OSError, UntrustedDaemon) as exc:
+            sock.close()
+            self._failed(exc)
+            return False
         s = self._session
         s.job_id, s.fuzzer = self.job_id, self.fuzzer  # public attributes: say hello with them
         self._sock = sock
-        hello = s.hello(os.getpid())
         self._poll.register(sock, select.POLLIN)
-        try:
-            self._send(hello, deadline)
-            while not s.handshake_over():
-                if not self._poll_for(select.POLLIN, deadline):
-                    raise _Broken("no welcome from the daemon in time")
-                self._drain()
-        except _Broken as exc:
-            if s.hello_error is None:
-                raise self._unavailable(exc) from None
-        if s.hello_error is not None:
-            self._drop()
-            raise s.hello_error
-        try:
-            for frame in s.resend():  # same ids, fresh seqs
-                self._send(frame, deadline)
-        except _Broken as exc:
-            raise self._unavailable(exc) from None
+        self._out = bytearray(s.hello(os.getpid()))  # every queued event gets a fresh seq
+        self._unsent = deque(s.unacked.values())
+        self._stalled = False
+        return True
 
-    def _unavailable(self, reason: object) -> DaemonUnavailable:
+    def _failed(self, reason: BaseException | str) -> None:
+        """No daemon now: wait a little longer before the next attempt; say so once."""
+        self._last_error = reason
+        self._connect_after = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, RECONNECT_MAX)
+        if self.fail_open and not self._away_logged:
+            self._away_logged = True
+            log.warning("pfcollector daemon at %s unavailable (%s); events are queued and "
+                        "crashes go to the outbox %s until it is back", self.socket_path,
+                        _reason(reason), self.outbox_dir())  # fmt: skip
+
+    def _lost(self, exc: BaseException) -> None:
+        s = self._session
+        refused = s.hello_error
+        was_welcomed = s.welcome is not None
         self._drop()
-        return DaemonUnavailable(f"pfcollector daemon at {self.socket_path}: {reason}")
+        if refused is not None:
+            self._last_refusal = refused
+        self._failed(exc)
+        if was_welcomed and refused is None:
+            self._connect_after = 0.0  # a working daemon went away: try again at once
+        if self.fail_open:  # bytes that only this process holds: keep them durable
+            self._spill(lambda p: p.kind == "corpus" and "contents" in p.body)
+
+    def _connect_strict(self, deadline: float) -> None:
+        """Fail-closed construction: connected and welcomed, or an exception."""
+        self._reconnected = False
+        if not self._try_connect(force=True):
+            raise self._unavailable()
+        outcome = self._wait_until(lambda: self._session.welcome is not None, deadline)
+        if outcome == "done":
+            return
+        self._drop()
+        if outcome == "timeout":
+            raise DaemonUnavailable(f"pfcollector daemon at {self.socket_path}: no welcome "
+                                    "in time")  # fmt: skip
+        raise self._unavailable()
+
+    def _unavailable(self) -> PfClientError:
+        """The error for "no daemon": its refusal of our hello, or why it cannot be reached."""
+        refused, self._last_refusal = self._last_refusal, None
+        if refused is not None:
+            return refused
+        reason = self._last_error
+        if isinstance(reason, DaemonUnavailable):
+            return reason
+        return DaemonUnavailable(f"cannot reach the pfcollector daemon at {self.socket_path}: "
+                                 f"{_reason(reason)}")  # fmt: skip
 
     def _drop(self) -> None:
         """Forget the connection (events stay queued for the next one)."""
@@ -419,7 +695,9 @@ class Client:
             with contextlib.suppress(KeyError, ValueError):
                 self._poll.unregister(sock)
             sock.close()
+        self._out = bytearray()
         self._session.replies.clear()
+        self._session.welcome = None
 
     def _after_fork(self) -> None:
         """In a forked child: the parent's connection and queue are the parent's."""
@@ -428,7 +706,16 @@ class Client:
         if self._sock is not None:
             self._sock.close()  # only the child's copy of the descriptor; the parent's stays open
             self._sock = None
+        self._out = bytearray()
+        self._unsent.clear()
+        self._droppable.clear()
         self._session.forget()
+
+
+def _reason(reason: BaseException | str) -> str:
+    if isinstance(reason, OSError):
+        return reason.strerror or str(reason) or type(reason).__name__
+    return str(reason)
 
 
 def _reset_after_fork() -> None:

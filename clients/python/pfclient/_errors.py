@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["DaemonUnavailable", "EventRejected", "FlushTimeout", "PfClientError"]
+import os
+
+__all__ = [
+    "DaemonUnavailable",
+    "EventRejected",
+    "FlushTimeout",
+    "OutboxUnavailable",
+    "PfClientError",
+    "UntrustedDaemon",
+]
 
 
 class PfClientError(Exception):
@@ -11,6 +20,27 @@ class PfClientError(Exception):
 
 class DaemonUnavailable(PfClientError):
     """The daemon cannot be reached: the message names the socket path and the OS error."""
+
+
+class UntrustedDaemon(DaemonUnavailable):
+    """The process listening on the socket runs as a uid the client does not trust (not its
+    own, not root, not in ``trust_uids`` / ``$PFCOLLECTOR_DAEMON_UID``): nothing was sent to it.
+
+    Attributes:
+        path: The socket path.
+        uid: The listener's uid, from ``SO_PEERCRED``.
+    """
+
+    def __init__(self, path: str, uid: int) -> None:
+        super().__init__(f"refusing the daemon at {path}: it runs as uid {uid}, which is not "
+                         f"this process's uid ({os.getuid()}), root, or a uid trusted through "
+                         "PFCOLLECTOR_DAEMON_UID / trust_uids")  # fmt: skip
+        self.path = path
+        self.uid = uid
+
+
+class OutboxUnavailable(DaemonUnavailable):
+    """A crash could not reach the daemon and could not be written to the outbox either."""
 
 
 class EventRejected(PfClientError):

@@ -52,11 +52,13 @@ _SEQ_PLACEHOLDER = 2**63 - 1  # widest seq encoding, to size a frame before it h
 class Pending:
     """One event from its creation until an ack covers it or an error names its seq."""
 
-    __slots__ = ("body", "done", "error", "id", "seq", "waited")
+    __slots__ = ("body", "done", "error", "id", "kind", "seq", "size", "waited")
 
-    def __init__(self, event_id: str, body: dict[str, Any], waited: bool) -> None:
+    def __init__(self, event_id: str, body: dict[str, Any], waited: bool, size: int = 0) -> None:
         self.id = event_id
         self.body = body
+        self.kind: str = body.get("kind", "")
+        self.size = size  # bytes of its frame, for the queue's bound
         self.seq = 0  # on the current connection; 0 while not sent on it
         self.done = False
         self.error: EventRejected | None = None
@@ -86,7 +88,9 @@ class Session:
     """The client side of one daemon conversation, without I/O: frames out, bytes in.
 
     Attributes:
-        unacked: The events not yet acknowledged, by id, in send order.
+        unacked: The events not yet acknowledged, by id, in send order (add with
+            :meth:`queue`, remove with :meth:`discard`, so :attr:`queued_bytes` stays true).
+        queued_bytes: The frame bytes of :attr:`unacked`.
         replies: Control replies not yet collected, by request number.
         rejected: Every rejection seen (newest last, at most :data:`REJECTED_KEEP`).
         unreported: Rejections no caller has raised yet (see :meth:`take_unreported`).
@@ -99,6 +103,7 @@ class Session:
         self.job_id = job_id
         self.fuzzer = fuzzer
         self.unacked: OrderedDict[str, Pending] = OrderedDict()  # by event id, in send order
+        self.queued_bytes = 0
         self.replies: dict[int, dict[str, Any]] = {}
         self.rejected: list[EventRejected] = []
         self.unreported: list[EventRejected] = []
@@ -148,7 +153,20 @@ class Session:
         if size > self.max_frame:
             raise EventRejected("frame_too_large", f"{kind} event is {size} bytes, the "
                                 f"daemon's max_frame is {self.max_frame}")  # fmt: skip
-        return Pending(event_id, body, waited)
+        return Pending(event_id, body, waited, size + HEADER_SIZE)
+
+    def queue(self, pending: Pending) -> None:
+        """Keep ``pending`` until an ack covers it."""
+        self.unacked[pending.id] = pending
+        self.queued_bytes += pending.size
+
+    def discard(self, pending: Pending) -> bool:
+        """Stop keeping ``pending`` (dropped, or written to the outbox); False if not kept."""
+        if self.unacked.get(pending.id) is not pending:
+            return False
+        del self.unacked[pending.id]
+        self.queued_bytes -= pending.size
+        return True
 
     def frame(self, pending: Pending) -> bytes:
         """``pending`` with the next seq of this connection."""
@@ -179,6 +197,7 @@ class Session:
                 if not 0 < pending.seq <= acked:
                     break
                 del unacked[pending.id]
+                self.queued_bytes -= pending.size
                 pending.done = True
         elif t == "error":
             if self.welcome is None:
@@ -187,7 +206,7 @@ class Session:
             found = next((p for p in self.unacked.values() if p.seq == msg.get("seq")), None)
             error = rejection(msg, found.id if found is not None else None)
             if found is not None:
-                del self.unacked[found.id]
+                self.discard(found)
                 found.done, found.error = True, error
             self.rejected.append(error)
             del self.rejected[:-REJECTED_KEEP]
@@ -213,4 +232,5 @@ class Session:
     def forget(self) -> None:
         """Drop the queue and the replies (a forked child: they are the parent's)."""
         self.unacked.clear()
+        self.queued_bytes = 0
         self.replies.clear()

@@ -11,16 +11,51 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
+from collections.abc import Iterable
 from typing import Any
 
-from ._errors import DaemonUnavailable, FlushTimeout, PfClientError
+from ._errors import DaemonUnavailable, FlushTimeout, PfClientError, UntrustedDaemon
 from ._session import rejection
 from ._wire import FrameBuffer, WireError, default_socket_path, encode_frame
 
-__all__ = ["open_socket", "path_of", "status"]
+__all__ = ["check_peer", "open_socket", "path_of", "peer_uid", "status", "trusted_uids"]
 
 _READ_SIZE = 64 * 1024
+_PEERCRED = struct.Struct("3i")
+
+
+def trusted_uids(extra: Iterable[int] | None = None) -> frozenset[int]:
+    """The uids a daemon may run as: ours, root, ``extra`` and ``$PFCOLLECTOR_DAEMON_UID``.
+
+    Raises:
+        ValueError: ``$PFCOLLECTOR_DAEMON_UID`` is not a comma-separated list of uids.
+    """
+    uids = {0, os.getuid(), os.geteuid(), *(extra or ())}
+    for part in os.environ.get("PFCOLLECTOR_DAEMON_UID", "").split(","):
+        if part.strip():
+            if not part.strip().isdigit():
+                raise ValueError(f"PFCOLLECTOR_DAEMON_UID must be uids separated by commas, "
+                                 f"got {part.strip()!r}")  # fmt: skip
+            uids.add(int(part))
+    return frozenset(uids)
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a connected Unix socket (``SO_PEERCRED``)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except (OSError, AttributeError):
+        return None
+    return int(_PEERCRED.unpack(raw)[1])
+
+
+def check_peer(sock: socket.socket, path: str, trusted: frozenset[int]) -> None:
+    """Raise :class:`UntrustedDaemon` unless the listener runs as a ``trusted`` uid."""
+    uid = peer_uid(sock)
+    if uid is not None and uid not in trusted:
+        raise UntrustedDaemon(path, uid)
 
 
 def path_of(socket_path: str | os.PathLike[str] | None) -> str:
@@ -28,13 +63,22 @@ def path_of(socket_path: str | os.PathLike[str] | None) -> str:
     return default_socket_path() if socket_path is None else os.fspath(socket_path)
 
 
-def open_socket(path: str, timeout: float) -> socket.socket:
-    """A blocking Unix stream socket connected to ``path`` (DaemonUnavailable if it cannot)."""
+def open_socket(path: str, timeout: float, trusted: frozenset[int] | None = None) -> socket.socket:
+    """A blocking Unix stream socket connected to ``path`` whose listener runs as a trusted uid
+    (:func:`trusted_uids` by default).
+
+    Raises:
+        DaemonUnavailable: it cannot connect; :class:`UntrustedDaemon` for a foreign listener.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(path)
         sock.settimeout(None)  # blocking; waits go through poll() with deadlines
+        check_peer(sock, path, trusted_uids() if trusted is None else trusted)
+    except UntrustedDaemon:
+        sock.close()
+        raise
     except OSError as exc:
         sock.close()
         reason = exc.strerror or str(exc) or type(exc).__name__

@@ -188,7 +188,7 @@ class BaseAsyncClient:
         if not await self._wait_until(lambda: len(s.unacked) < self.max_unacked, call):
             raise FlushTimeout(f"{len(s.unacked)} events unacknowledged by the daemon at "
                                f"{self.socket_path}; it is not keeping up")  # fmt: skip
-        s.unacked[pending.id] = pending
+        s.queue(pending)
         if self._connected:
             await self._write_or_drop(s.frame(pending))
         if not self._connected:
