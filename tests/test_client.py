@@ -359,4 +359,4 @@ def test_default_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PFCOLLECTOR_SOCKET")
     assert default_socket_path() == "/run/user/7/pfcollector.sock"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
-    assert default_socket_path() == f"/tmp/pfcollector-{os.getuid()}.sock"
+    assert default_socket_path() == f"/tmp/pfcollector-{os.getuid()}/pfcollector.sock"

@@ -59,7 +59,7 @@ SocketOpt = Annotated[
     typer.Option(
         "--socket",
         help="Daemon socket [default: $PFCOLLECTOR_SOCKET, "
-        "$XDG_RUNTIME_DIR/pfcollector.sock, or /tmp/pfcollector-<uid>.sock]",
+        "$XDG_RUNTIME_DIR/pfcollector.sock, or /tmp/pfcollector-<uid>/pfcollector.sock]",
     ),
 ]
 
@@ -99,7 +99,7 @@ def _setting_flags(
         _flag(
             "--socket",
             help="Daemon socket [$PFCOLLECTOR_SOCKET, $XDG_RUNTIME_DIR/pfcollector.sock, "
-            "or /tmp/pfcollector-<uid>.sock]",
+            "or /tmp/pfcollector-<uid>/pfcollector.sock]",
         ),
     ] = None,
     data_dir: Annotated[

@@ -12,8 +12,8 @@ warning (the prefix is shared with the client and the tools), with a suggestion 
 
 The socket path rule is shared with the thin client (``pfclient.default_socket_path``, which
 cannot import this module): ``$PFCOLLECTOR_SOCKET``, else ``$XDG_RUNTIME_DIR/pfcollector.sock``,
-else ``/tmp/pfcollector-<uid>.sock``. The data directory is ``$PFCOLLECTOR_DATA_DIR``, else
-``$XDG_DATA_HOME/pfcollector``, else ``~/.local/share/pfcollector``.
+else ``/tmp/pfcollector-<uid>/pfcollector.sock``. The data directory is
+``$PFCOLLECTOR_DATA_DIR``, else ``$XDG_DATA_HOME/pfcollector``, else ``~/.local/share/pfcollector``.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
         return Path(env["PFCOLLECTOR_SOCKET"])
     if env.get("XDG_RUNTIME_DIR"):
         return Path(env["XDG_RUNTIME_DIR"]) / "pfcollector.sock"
-    return Path(f"/tmp/pfcollector-{os.getuid()}.sock")
+    return Path(f"/tmp/pfcollector-{os.getuid()}/pfcollector.sock")  # private dir: sockdir.py
 
 
 def default_data_dir(env: Mapping[str, str] | None = None) -> Path:

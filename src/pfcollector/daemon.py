@@ -46,6 +46,7 @@ from .private import create_private_file, make_private_dir
 from .redact import redact_tree
 from .sender import Batch, RetryPolicy, Sender, TransientError
 from .server import ConnectionInfo, Limits, Server
+from .sockdir import prepare_socket_dir
 from .spool import open_spool
 
 __all__ = ["CONTROL_OPS", "Daemon", "run_daemon"]
@@ -156,6 +157,8 @@ class Daemon:
                 if handle_signals:
                     delivery.start_soon(self._on_signals)  # TERM/INT stop, HUP reloads
                 delivery.start_soon(self.input_writer.run)  # spooled input bytes -> files
+                if not os.environ.get("LISTEN_FDS"):  # systemd owns an inherited socket
+                    prepare_socket_dir(config.socket_path, config.socket_gid)
                 outbox_send = self._prepare_outbox()
                 async with trio.open_nursery() as front:
                     # The socket: events until stop(), control requests until the drain ends.

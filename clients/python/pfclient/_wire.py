@@ -36,7 +36,8 @@ def default_socket_path() -> str:
     """Where the daemon listens unless told otherwise (the daemon uses the same rule).
 
     ``$PFCOLLECTOR_SOCKET`` if set, else ``$XDG_RUNTIME_DIR/pfcollector.sock`` if
-    ``XDG_RUNTIME_DIR`` is set, else ``/tmp/pfcollector-<uid>.sock``.
+    ``XDG_RUNTIME_DIR`` is set, else ``/tmp/pfcollector-<uid>/pfcollector.sock`` (a directory
+    only that uid may write, made by the daemon).
     """
     explicit = os.environ.get("PFCOLLECTOR_SOCKET")
     if explicit:
@@ -44,7 +45,7 @@ def default_socket_path() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return os.path.join(runtime, "pfcollector.sock")
-    return f"/tmp/pfcollector-{os.getuid()}.sock"
+    return f"/tmp/pfcollector-{os.getuid()}/pfcollector.sock"
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
