@@ -409,7 +409,7 @@ class Client:
             if outcome == "timeout":
                 pending.waited = False  # so a late rejection reaches flush()
                 raise FlushTimeout(f"{kind} event {event_id} not acknowledged in time")
-            if pending.error is not None:
+            if wait and pending.error is not None:
                 raise pending.error
         return event_id
 
