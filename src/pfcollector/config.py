@@ -78,6 +78,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("kv", "json")
 COMPRESSIONS = ("none", "gzip", "zstd")
 _ENV_OVERRIDES = {"socket_path": "PFCOLLECTOR_SOCKET"}
+#: Variables that are not daemon settings: the config file's, and the clients' and watchers'.
+_CLIENT_ENV = frozenset({CONFIG_ENV, "PFCOLLECTOR_OUTBOX", "PFCOLLECTOR_DAEMON_UID",
+                         "PFCOLLECTOR_JOB"})  # fmt: skip
 
 
 def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
@@ -375,7 +378,7 @@ def load(
         sources.update(dict.fromkeys(file_values, f"file {path}"))
     warnings: list[str] = []
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name in _CLIENT_ENV:
             continue
         if not raw.strip():
             continue  # PFCOLLECTOR_SOCKET= (empty) means unset, as in default_socket_path
