@@ -18,16 +18,18 @@ Error handling:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import signal as _signal
+import stat
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..events import CRASH_INPUT_MAX
+from ..events import CRASH_INPUT_MAX, INT64_MAX, INT64_MIN
+from ._files import DirWaiter, SafeTree
 from ._reproduce import Reproducer
 from ._sink import Sink, stable_id
 from ._state import StateFile
@@ -46,6 +48,7 @@ log = logging.getLogger("pfcollector.watch.afl")
 _ID = re.compile(r"^id:(\d+)")
 _SIG = re.compile(r"(?:^|,)sig:(\d+)(?:,|$)")
 _FILES_PER_EVENT = 1024  # the protocol's limit for a corpus event's ``files``
+_STATS_MAX = 1024 * 1024  # a fuzzer_stats file is a few KiB
 
 
 def parse_crash_name(name: str) -> tuple[int, int] | None:
@@ -81,93 +84,135 @@ def parse_fuzzer_stats(text: str) -> dict[str, str]:
     return out
 
 
-def _num(raw: dict[str, str], *keys: str) -> float:
+def _num(raw: dict[str, str], *keys: str) -> float | None:
+    """The first of ``keys`` holding a finite number, or None: AFL++ writes ``inf`` and
+    ``nan`` (``execs_per_sec`` at its start), which the daemon rightly refuses."""
     for key in keys:
         value = raw.get(key, "").rstrip("%").strip()
         if value:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 continue
-    return 0.0
+            if math.isfinite(number):
+                return number
+    return None
+
+
+def _int(raw: dict[str, str], *keys: str, scale: float = 1) -> int | None:
+    number = _num(raw, *keys)
+    if number is None:
+        return None
+    value = int(number * scale)
+    return value if INT64_MIN <= value <= INT64_MAX else None
 
 
 def stats_fields(raw: dict[str, str]) -> dict[str, Any]:
-    """The ``stats`` event fields for a parsed ``fuzzer_stats`` (AFL++ 4 and older names)."""
-    unique = int(_num(raw, "saved_crashes", "unique_crashes"))
-    return {
-        "executions": int(_num(raw, "execs_done")),
+    """The ``stats`` event fields for a parsed ``fuzzer_stats`` (AFL++ 4 and older names).
+
+    A value that is missing, unparsable, not finite or out of range is left out (the daemon
+    then takes the field's default, 0), never sent as it is.
+    """
+    unique = _int(raw, "saved_crashes", "unique_crashes")
+    total = _int(raw, "total_crashes")
+    fields = {
+        "executions": _int(raw, "execs_done"),
         "exec_per_second": _num(raw, "execs_per_sec"),
-        "total_edges": int(_num(raw, "total_edges")),
-        "covered_edges": int(_num(raw, "edges_found")),
+        "total_edges": _int(raw, "total_edges"),
+        "covered_edges": _int(raw, "edges_found"),
         "coverage_percent": _num(raw, "bitmap_cvg"),
         "unique_crashes": unique,
-        "total_crashes": max(unique, int(_num(raw, "total_crashes"))),
-        "corpus_size": int(_num(raw, "corpus_count", "paths_total")),
-        "memory_usage": int(_num(raw, "peak_rss_mb") * 1024 * 1024),  # bytes
+        "total_crashes": max(unique or 0, total or 0) if unique is not None or total is not None
+        else None,
+        "corpus_size": _int(raw, "corpus_count", "paths_total"),
+        "memory_usage": _int(raw, "peak_rss_mb", scale=1024 * 1024),  # bytes
     }
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def coverage_fields(raw: dict[str, str], previous_edges: int) -> dict[str, Any]:
     """The ``coverage`` event fields: edges, growth since ``previous_edges``, executions."""
-    edges = int(_num(raw, "edges_found"))
+    edges = _int(raw, "edges_found") or 0
     return {"edges": edges, "new_edges": max(0, edges - previous_edges),
-            "exec_count": int(_num(raw, "execs_done"))}  # fmt: skip
+            "exec_count": _int(raw, "execs_done") or 0}  # fmt: skip
 
 
 def find_instances(output_dir: Path) -> list[tuple[str, Path]]:
     """``(name, directory)`` of every AFL++ instance under ``output_dir``, sorted by name.
 
     ``output_dir`` itself counts as an instance (named after it) when it holds ``queue`` or
-    ``fuzzer_stats`` directly (AFL before ``default/``).
+    ``fuzzer_stats`` directly (AFL before ``default/``). Symlinks below ``output_dir`` are
+    never followed: a symlinked instance, ``queue`` or ``crashes`` is not one.
     """
 
     def is_instance(d: Path) -> bool:
-        return (d / "queue").is_dir() or (d / "crashes").is_dir() or (d / "fuzzer_stats").is_file()
+        return _real_dir(d / "queue") or _real_dir(d / "crashes") or _real_file(d / "fuzzer_stats")
 
     if is_instance(output_dir):
         return [(output_dir.resolve().name, output_dir)]
     try:
-        subdirs = sorted(p for p in output_dir.iterdir() if p.is_dir())
-    except FileNotFoundError:
+        with os.scandir(output_dir) as it:
+            subdirs = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return [(d.name, d) for d in subdirs if is_instance(d)]
+    return [(name, output_dir / name) for name in subdirs if is_instance(output_dir / name)]
+
+
+def _real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _real_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
     number: int
     name: str
-    path: Path
     size: int
 
 
-def _new_entries(directory: Path, cursor: dict[str, Any], settle: float) -> Iterator[_Entry]:
-    """Settled ``id:*`` files numbered at least ``cursor["next"]``, in order; resets the cursor
-    when the directory is not the one it was made for."""
-    try:
-        st = directory.stat()
-    except FileNotFoundError:
-        return
-    identity = f"{st.st_dev}:{st.st_ino}"
-    if cursor.get("dir") != identity:
-        cursor.clear()
-        cursor.update({"dir": identity, "next": 0})
-    found: list[tuple[int, os.DirEntry[str]]] = []
-    with os.scandir(directory) as it:
-        for entry in it:
-            m = _ID.match(entry.name)
-            if m is not None and int(m.group(1)) >= cursor["next"] and entry.is_file():
-                found.append((int(m.group(1)), entry))
+def _new_entries(tree: SafeTree, parts: tuple[str, ...], cursor: dict[str, Any],
+                 settle: float) -> list[_Entry]:  # fmt: skip
+    """Settled ``id:*`` regular files of ``parts`` numbered at least ``cursor["next"]``, in
+    order; resets the cursor when the directory is not the one it was made for."""
+    with tree.directory(*parts) as fd:
+        if fd is None:
+            return []
+        st = os.fstat(fd)
+        identity = f"{st.st_dev}:{st.st_ino}"
+        if cursor.get("dir") != identity:
+            cursor.clear()
+            cursor.update({"dir": identity, "next": 0})
+        found: list[tuple[int, str, os.stat_result]] = []
+        where = "/".join(parts)
+        with os.scandir(fd) as it:
+            for entry in it:
+                m = _ID.match(entry.name)
+                if m is None or int(m.group(1)) < cursor["next"]:
+                    continue
+                try:
+                    est = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(est.st_mode):
+                    tree.refuse(f"{tree.root}/{where}/{entry.name}", "not a regular file")
+                    continue
+                found.append((int(m.group(1)), entry.name, est))
+    out: list[_Entry] = []
     now = time.time()
-    for number, entry in sorted(found, key=lambda f: f[0]):
-        try:
-            est = entry.stat()
-        except FileNotFoundError:
-            continue
+    for number, name, est in sorted(found, key=lambda f: f[0]):
         if now - est.st_mtime < settle:
-            return  # still being written (or the next one is): keep the order, try again later
-        yield _Entry(number, entry.name, Path(entry.path), est.st_size)
+            break  # still being written (or the next one is): keep the order, try again later
+        out.append(_Entry(number, name, est.st_size))
+    return out
 
 
 class AflWatcher:
@@ -181,11 +226,15 @@ class AflWatcher:
         self.state = state
         self.settle = settle
         self._where = str(output_dir.resolve())
+        self.tree = SafeTree(output_dir)
+        self.waiter = DirWaiter(output_dir, "AFL++ output directory")
 
     def scan(self) -> int:
         """Send what is new in every instance; return how many events were sent."""
         instances: dict[str, Any] = self.state.data.setdefault("instances", {})
         sent = 0
+        if not self.waiter.ready():
+            return 0
         for name, directory in find_instances(self.output_dir):
             inst = instances.setdefault(name, {})
             try:
@@ -196,14 +245,14 @@ class AflWatcher:
 
     def _scan_instance(self, name: str, directory: Path, inst: dict[str, Any]) -> int:
         fuzzer, sent = f"afl++/{name}", 0
+        base = () if directory == self.output_dir else (directory.name,)
         crashes = inst.setdefault("crashes", {})
-        for entry in _new_entries(directory / "crashes", crashes, self.settle):
+        for entry in _new_entries(self.tree, (*base, "crashes"), crashes, self.settle):
             parsed = parse_crash_name(entry.name)
             assert parsed is not None
-            try:
-                with entry.path.open("rb") as f:
-                    data = f.read(CRASH_INPUT_MAX + 1)
-            except FileNotFoundError:
+            data = self._read((*base, "crashes"), entry.name, CRASH_INPUT_MAX)
+            if data is None:  # refused (logged once) or gone: never sent, not waited for
+                crashes["next"] = entry.number + 1
                 continue
             event_id = stable_id("afl", self._where, self.sink.job_id, name, entry.name)
             fields = {"type": signal_type(parsed[1]), "signal": parsed[1], "input": data,
@@ -212,13 +261,13 @@ class AflWatcher:
                 found = self.reproducer.run(directory, directory / "crashes" / entry.name, data)
                 fields["output"] = f"{fields['output']}\n{found['output']}"
                 fields["stack_trace"] = found["stack_trace"]
-            self.sink.send(fuzzer, "crash", fields, event_id)  # waits for the durable ack
+            self.sink.send(fuzzer, "crash", fields, event_id)  # durable: daemon or outbox
             crashes["next"] = entry.number + 1
             sent += 1
             log.info("crash %s/crashes/%s sent as %s", name, entry.name, event_id)
 
         queue = inst.setdefault("queue", {})
-        new_queue = list(_new_entries(directory / "queue", queue, self.settle))
+        new_queue = _new_entries(self.tree, (*base, "queue"), queue, self.settle)
         for start in range(0, len(new_queue), _FILES_PER_EVENT):
             chunk = new_queue[start : start + _FILES_PER_EVENT]
             files = [f"{name}/queue/{e.name}" for e in chunk]
@@ -229,15 +278,13 @@ class AflWatcher:
             sent += 1
 
         pending: dict[str, Any] = {}
-        try:
-            raw = parse_fuzzer_stats((directory / "fuzzer_stats").read_text(errors="replace"))
-        except FileNotFoundError:
-            raw = {}
+        text = self._read(base, "fuzzer_stats", _STATS_MAX)
+        raw = parse_fuzzer_stats(text.decode(errors="replace")) if text is not None else {}
         if raw and raw.get("last_update") != inst.get("stats_update"):
             self.sink.send(fuzzer, "stats", stats_fields(raw))
             pending["stats_update"] = raw.get("last_update")
             sent += 1
-        if raw.get("edges_found") and int(_num(raw, "edges_found")) != inst.get("edges"):
+        if _int(raw, "edges_found") is not None and _int(raw, "edges_found") != inst.get("edges"):
             cov = coverage_fields(raw, int(inst.get("edges", 0)))
             self.sink.send(fuzzer, "coverage", cov)
             pending["edges"] = cov["edges"]
@@ -248,3 +295,9 @@ class AflWatcher:
             queue["next"] = new_queue[-1].number + 1
         inst.update(pending)
         return sent
+
+    def _read(self, parts: tuple[str, ...], name: str, limit: int) -> bytes | None:
+        with self.tree.directory(*parts) as fd:
+            if fd is None:
+                return None
+            return self.tree.read(fd, name, limit, str(self.output_dir.joinpath(*parts, name)))

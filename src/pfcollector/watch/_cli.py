@@ -45,6 +45,14 @@ def _state(path: Path | None, kind: str, watched: Path, job: str) -> StateFile:
         raise typer.Exit(2) from None
 
 
+def _watched_dir(path: Path, what: str) -> None:
+    """A file where a directory is expected is the user's mistake: one line, exit 2. A
+    directory that does not exist yet is waited for (the watcher warns now and then)."""
+    if path.exists() and not path.is_dir():
+        typer.echo(f"error: {what} {path} is not a directory", err=True)
+        raise typer.Exit(2)
+
+
 def _logging(level: str) -> None:
     setup_logging(level, "kv")  # the daemon's key=value log lines
 
@@ -70,6 +78,7 @@ def watch_afl(
     ] = 2048,
 ) -> None:
     """Follow every AFL++ instance under OUTPUT_DIR: crashes, queue, fuzzer_stats."""
+    _watched_dir(output_dir, "AFL++ output directory")
     _logging(log_level)
     reproducer = None
     if reproduce:
@@ -99,6 +108,10 @@ def watch_libfuzzer(
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Turn libFuzzer artifacts into crashes and its log's status lines into stats/coverage."""
+    _watched_dir(artifact_dir, "libFuzzer artifact directory")
+    if log is not None and log.is_dir():
+        typer.echo(f"error: libFuzzer log {log} is a directory, not a file", err=True)
+        raise typer.Exit(2)
     _logging(log_level)
     sink = Sink(socket_path, job)
     st = _state(state, "libfuzzer", artifact_dir, job)

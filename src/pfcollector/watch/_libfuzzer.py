@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..events import CRASH_INPUT_MAX
+from ..events import CRASH_INPUT_MAX, INT64_MAX
+from ._files import DirWaiter, SafeTree
 from ._sink import Sink, stable_id
 from ._state import StateFile
 
@@ -43,6 +45,7 @@ _EXECS = re.compile(r"\bexec/s: (\d+)")
 _RSS = re.compile(r"\brss: (\d+)Mb")
 _UNITS = {"b": 1, "Kb": 1024, "Mb": 1024 * 1024}
 _LOG_CHUNK = 4 * 1024 * 1024  # at most this much log per scan
+_LOG_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def artifact_type(name: str) -> str | None:
@@ -74,19 +77,27 @@ def parse_status_line(line: str) -> StatusLine | None:
 
     def grab(rx: re.Pattern[str]) -> int | None:
         found = rx.search(rest)
-        return int(found.group(1)) if found else None
+        return _bounded(int(found.group(1))) if found else None
 
     corp = _CORP.search(rest)
+    executions = _bounded(int(m.group(1)))
+    if executions is None:
+        return None
     return StatusLine(
-        executions=int(m.group(1)),
+        executions=executions,
         event=m.group(2),
         cov=grab(_COV),
         features=grab(_FT),
-        corpus_count=int(corp.group(1)) if corp else None,
-        corpus_bytes=int(corp.group(2)) * _UNITS[corp.group(3)] if corp else None,
+        corpus_count=_bounded(int(corp.group(1))) if corp else None,
+        corpus_bytes=_bounded(int(corp.group(2)) * _UNITS[corp.group(3)]) if corp else None,
         exec_per_second=grab(_EXECS),
         rss_mb=grab(_RSS),
     )
+
+
+def _bounded(value: int) -> int | None:
+    """``value`` if it fits the daemon's int64 fields, else None (left out, not sent)."""
+    return value if 0 <= value <= INT64_MAX else None
 
 
 class LibFuzzerWatcher:
@@ -101,10 +112,14 @@ class LibFuzzerWatcher:
         self.fuzzer = fuzzer
         self.settle = settle
         self._where = str(artifact_dir.resolve())
+        self.tree = SafeTree(artifact_dir)
+        self.waiter = DirWaiter(artifact_dir, "libFuzzer artifact directory")
 
     def scan(self) -> int:
         """Send what is new; return how many events were sent."""
         try:
+            if not self.waiter.ready():
+                return self._log()
             return self._artifacts() + self._log()
         finally:
             self.state.save()
@@ -112,29 +127,34 @@ class LibFuzzerWatcher:
     def _artifacts(self) -> int:
         done: list[str] = self.state.data.setdefault("artifacts", [])
         seen, sent, now = set(done), 0, time.time()
-        try:
-            names = sorted(os.listdir(self.artifact_dir))
-        except FileNotFoundError:
-            return 0
-        for name in names:
-            kind = artifact_type(name)
-            if kind is None or name in seen:
-                continue
-            path = self.artifact_dir / name
-            try:
-                if now - path.stat().st_mtime < self.settle:
+        tree = self.tree
+        with tree.directory() as fd:
+            if fd is None:
+                return 0
+            for name in sorted(os.listdir(fd)):
+                kind = artifact_type(name)
+                if kind is None or name in seen:
                     continue
-                with path.open("rb") as f:
-                    data = f.read(CRASH_INPUT_MAX + 1)
-            except (FileNotFoundError, IsADirectoryError):
-                continue
-            event_id = stable_id("lf", self._where, self.sink.job_id, name)
-            fields = {"type": kind, "input": data, "output": f"libFuzzer artifact {name}"}
-            self.sink.send(self.fuzzer, "crash", fields, event_id)  # waits for the durable ack
-            done.append(name)
-            seen.add(name)
-            sent += 1
-            log.info("artifact %s sent as %s", name, event_id)
+                where = str(self.artifact_dir / name)
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    tree.refuse(where, "a symlink or not a regular file")
+                    continue
+                if now - st.st_mtime < self.settle:
+                    continue
+                data = tree.read(fd, name, CRASH_INPUT_MAX, where)
+                if data is None:
+                    continue
+                event_id = stable_id("lf", self._where, self.sink.job_id, name)
+                fields = {"type": kind, "input": data, "output": f"libFuzzer artifact {name}"}
+                self.sink.send(self.fuzzer, "crash", fields, event_id)  # daemon or outbox
+                done.append(name)
+                seen.add(name)
+                sent += 1
+                log.info("artifact %s sent as %s", name, event_id)
         return sent
 
     def _log(self) -> int:
@@ -142,16 +162,23 @@ class LibFuzzerWatcher:
             return 0
         cursor: dict[str, Any] = self.state.data.setdefault("log", {})
         try:
-            with self.log_path.open("rb") as f:
-                st = os.fstat(f.fileno())
-                identity = f"{st.st_dev}:{st.st_ino}"
-                if cursor.get("file") != identity or st.st_size < cursor.get("offset", 0):
-                    cursor.clear()
-                    cursor.update({"file": identity, "offset": 0, "cov": 0})
-                f.seek(cursor["offset"])
-                chunk = f.read(_LOG_CHUNK)
+            fd = os.open(self.log_path, _LOG_FLAGS)  # a FIFO or a symlink planted there: no
         except FileNotFoundError:
             return 0
+        except OSError as exc:
+            self.tree.refuse(str(self.log_path), exc.strerror or str(exc))
+            return 0
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                self.tree.refuse(str(self.log_path), "not a regular file")
+                return 0
+            identity = f"{st.st_dev}:{st.st_ino}"
+            if cursor.get("file") != identity or st.st_size < cursor.get("offset", 0):
+                cursor.clear()
+                cursor.update({"file": identity, "offset": 0, "cov": 0})
+            f.seek(cursor["offset"])
+            chunk = f.read(_LOG_CHUNK)
         end = chunk.rfind(b"\n") + 1
         if end == 0:
             return 0
@@ -167,7 +194,7 @@ class LibFuzzerWatcher:
                      "covered_edges": last.cov or 0, "corpus_size": last.corpus_count or 0,
                      "unique_crashes": len(self.state.data.get("artifacts", [])),
                      "total_crashes": len(self.state.data.get("artifacts", [])),
-                     "memory_usage": (last.rss_mb or 0) * 1024 * 1024}  # fmt: skip
+                     "memory_usage": min((last.rss_mb or 0) * 1024 * 1024, INT64_MAX)}  # fmt: skip
             self.sink.send(self.fuzzer, "stats", stats)
             sent += 1
             if last.cov != cursor.get("cov"):
