@@ -51,7 +51,15 @@ from ._errors import (
     PfClientError,
     UntrustedDaemon,
 )
-from ._outbox import default_outbox_dir, write_event
+from ._fallback import (
+    DEFAULT_BUDGET,
+    DEFAULT_QUEUE_BYTES,
+    DROPPABLE,
+    RETRY_LATER,
+    Fallback,
+    durable,
+    holds_bytes,
+)
 from ._session import REJECTED_KEEP, Pending, Session, check_lifecycle
 from ._status import check_peer, path_of, status, trusted_uids
 from ._wire import WireError
@@ -68,24 +76,14 @@ __all__ = [
 
 log = logging.getLogger("pfclient")
 
-#: Seconds a non-waiting call may spend on I/O with the daemon (fail-open).
-DEFAULT_BUDGET = 0.005
-#: Bytes of events a client keeps for a daemon that has not acknowledged them.
-DEFAULT_QUEUE_BYTES = 32 * 1024 * 1024
 #: The longest wait between two reconnection attempts (it starts at :data:`_RECONNECT_MIN`).
 RECONNECT_MAX = 2.0
-#: Refusals that mean "not now" (the daemon's disk or spool): a crash goes to the outbox.
-RETRY_LATER = frozenset({"spool_full", "disk_full", "spool_write_failed", "draining"})
 _RECONNECT_MIN = 0.05
 _CLOSE_FLUSH = 1.0  # seconds close() waits for acks in fail-open mode
 _READ_SIZE = 64 * 1024
 _OUT_AHEAD = 256 * 1024  # bytes encoded ahead of the socket (the rest stays droppable)
-_DROPPABLE = ("stats", "coverage")
 _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)  # no SIGPIPE, ever
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
-#: The outbox each daemon (by socket path) named in its last welcome to this process, so a
-#: client made while that daemon is away still writes where it imports.
-_known_outboxes: dict[str, str] = {}
 
 
 class _Broken(Exception):
@@ -139,8 +137,6 @@ class Client:
     ) -> None:
         if max_unacked < 1:
             raise ValueError(f"max_unacked must be at least 1, got {max_unacked}")
-        if queue_bytes < 1:
-            raise ValueError(f"queue_bytes must be at least 1, got {queue_bytes}")
         self.socket_path = path_of(socket_path)
         self.job_id = job_id
         self.fuzzer = fuzzer
@@ -150,17 +146,15 @@ class Client:
         self.budget = budget
         self.queue_bytes = queue_bytes
         self.outbox = os.fspath(outbox) if outbox is not None else None
-        self.dropped: Counter[str] = Counter()
-        self.outboxed = 0
         self._trusted = trusted_uids(trust_uids)
         self._session = Session(job_id, fuzzer)
+        self._fallback = Fallback(self._session, self.socket_path, queue_bytes=queue_bytes,
+                                  max_unacked=max_unacked, outbox=self.outbox)  # fmt: skip
         self._lock = threading.RLock()
         self._sock: socket.socket | None = None
         self._poll = select.poll()
         self._out = bytearray()  # encoded frames not yet written (hello, events, controls)
         self._unsent: deque[Pending] = deque()  # queued, not yet encoded on this connection
-        self._droppable: deque[Pending] = deque()  # stats and coverage, oldest first
-        self._daemon_outbox: str | None = None
         self._connect_after = 0.0
         self._backoff = _RECONNECT_MIN
         self._reconnected = False
@@ -189,6 +183,20 @@ class Client:
     def connected(self) -> bool:
         """Whether the daemon answered this connection's hello (and it is still open)."""
         return self._sock is not None and self._session.welcome is not None
+
+    @property
+    def dropped(self) -> Counter[str]:
+        """Stats and coverage events dropped from a full queue, by kind."""
+        return self._fallback.dropped
+
+    @property
+    def outboxed(self) -> int:
+        """Events this client wrote to the outbox."""
+        return self._fallback.outboxed
+
+    def outbox_dir(self) -> str:
+        """Where this client writes what the daemon could not acknowledge."""
+        return self._fallback.outbox_dir()
 
     @property
     def queued_bytes(self) -> int:
@@ -364,7 +372,7 @@ class Client:
                 pass
             finally:
                 if self.fail_open:
-                    self._spill(lambda p: p.kind not in _DROPPABLE)
+                    self._fallback.spill(durable)
                 self._drop()
                 self._closed = True
 
@@ -417,16 +425,17 @@ class Client:
         """Fail-open, non-waiting: queue (making room) and do a budget's worth of I/O."""
         deadline = time.monotonic() + self.budget
         self._pump(deadline)
-        if pending.kind == "corpus" and "contents" in pending.body and not self.connected:
+        fallback = self._fallback
+        if holds_bytes(pending) and not self.connected:
             with contextlib.suppress(OutboxUnavailable):
-                self._to_outbox(pending)  # its bytes would be lost with this process
+                fallback.to_outbox(pending)  # its bytes would be lost with this process
                 return
-        if not self._make_room(pending):
-            if pending.kind in _DROPPABLE:
-                self.dropped[pending.kind] += 1
+        if not fallback.make_room(pending):
+            if pending.kind in DROPPABLE:
+                fallback.dropped[pending.kind] += 1
                 return
             try:
-                self._to_outbox(pending)
+                fallback.to_outbox(pending)
                 return
             except OutboxUnavailable as exc:
                 log.warning("%s; the event stays queued past queue_bytes", exc)
@@ -436,8 +445,8 @@ class Client:
     def _crash_open(self, pending: Pending) -> str:
         """Fail-open crash: the daemon's durable ack within ``timeout``, else the outbox."""
         self._pump(time.monotonic() + self.budget)
-        if self._sock is None or self._stalled or not self._make_room(pending):
-            self._to_outbox(pending)
+        if self._sock is None or self._stalled or not self._fallback.make_room(pending):
+            self._fallback.to_outbox(pending)
             return pending.id
         self._enqueue(pending)
         outcome = self._wait_until(lambda: pending.done, time.monotonic() + self.timeout)
@@ -452,7 +461,7 @@ class Client:
             log.warning("the daemon at %s did not acknowledge a crash in %.1fs; crashes go to "
                         "the outbox until it answers", self.socket_path, self.timeout)  # fmt: skip
         self._session.discard(pending)
-        self._to_outbox(pending)
+        self._fallback.to_outbox(pending)
         return pending.id
 
     def _has_room(self) -> bool:
@@ -462,55 +471,10 @@ class Client:
     def _written(self) -> bool:
         return not self._out and not self._unsent and self._session.welcome is not None
 
-    def _make_room(self, pending: Pending) -> bool:
-        """Drop the oldest stats and coverage until ``pending`` fits; False if it cannot."""
-        s = self._session
-
-        def fits() -> bool:
-            return (s.queued_bytes + pending.size <= self.queue_bytes
-                    and len(s.unacked) < self.max_unacked)  # fmt: skip
-
-        while not fits() and self._droppable:
-            victim = self._droppable.popleft()
-            if s.discard(victim):
-                self.dropped[victim.kind] += 1
-        return fits()
-
     def _enqueue(self, pending: Pending) -> None:
         self._session.queue(pending)
         self._unsent.append(pending)
-        if pending.kind in _DROPPABLE:
-            self._droppable.append(pending)
-
-    # -- the outbox -------------------------------------------------------------------------
-
-    def outbox_dir(self) -> str:
-        """Where this client writes what the daemon could not acknowledge."""
-        known = self._daemon_outbox or _known_outboxes.get(self.socket_path)
-        return known or self.outbox or default_outbox_dir()
-
-    def _to_outbox(self, pending: Pending) -> None:
-        s = self._session
-        hello = {"job_id": s.job_id, "fuzzer": s.fuzzer, "pid": os.getpid()}
-        directory = self.outbox_dir()
-        try:
-            write_event(directory, hello, pending.body)
-        except (OSError, ValueError) as exc:
-            raise OutboxUnavailable(f"{pending.kind} event {pending.id}: no daemon took it at "
-                                    f"{self.socket_path} and the outbox {directory} cannot be "
-                                    f"written: {exc}") from exc  # fmt: skip
-        self.outboxed += 1
-
-    def _spill(self, which: Callable[[Pending], bool]) -> None:
-        """Move queued events matching ``which`` to the outbox (best effort)."""
-        s = self._session
-        for pending in [p for p in s.unacked.values() if which(p)]:
-            try:
-                self._to_outbox(pending)
-            except OutboxUnavailable as exc:
-                log.warning("%s", exc)
-                return
-            s.discard(pending)
+        self._fallback.queued(pending)
 
     # -- I/O --------------------------------------------------------------------------------
 
@@ -579,9 +543,7 @@ class Client:
     def _welcomed(self) -> None:
         welcome = self._session.welcome
         assert welcome is not None
-        outbox = welcome.get("outbox")
-        if isinstance(outbox, str) and outbox:
-            self._daemon_outbox = _known_outboxes[self.socket_path] = outbox
+        self._fallback.welcome(welcome)
         self._backoff = _RECONNECT_MIN
         if self._away_logged:
             log.warning("reconnected to the pfcollector daemon at %s", self.socket_path)
@@ -661,7 +623,7 @@ class Client:
         if was_welcomed and refused is None:
             self._connect_after = 0.0  # a working daemon went away: try again at once
         if self.fail_open:  # bytes that only this process holds: keep them durable
-            self._spill(lambda p: p.kind == "corpus" and "contents" in p.body)
+            self._fallback.spill(holds_bytes)
 
     def _connect_strict(self, deadline: float) -> None:
         """Fail-closed construction: connected and welcomed, or an exception."""
@@ -708,7 +670,7 @@ class Client:
             self._sock = None
         self._out = bytearray()
         self._unsent.clear()
-        self._droppable.clear()
+        self._fallback.clear()
         self._session.forget()
 
 
