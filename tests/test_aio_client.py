@@ -81,7 +81,16 @@ async def test_asyncio_rejection_reconnect_and_absent_daemon(
 
     async def absent() -> None:
         with pytest.raises(DaemonUnavailable, match="cannot reach"):
-            await AsyncClient(tmp_path / "none.sock", job_id="j", fuzzer="f").connect()
+            await AsyncClient(tmp_path / "none.sock", job_id="j", fuzzer="f",
+                              fail_open=False).connect()  # fmt: skip
+        # fail-open (the default): nothing raises, the crash is kept in the outbox
+        async with AsyncClient(tmp_path / "none.sock", job_id="j", fuzzer="f",
+                               outbox=tmp_path / "aio-outbox") as pf:  # fmt: skip
+            for n in range(1000):
+                await pf.stats(executions=n)
+            crash_id = await pf.crash("SEGV", b"kept", signal=11)
+            assert not pf.connected and pf.outboxed == 1
+        assert [p.name for p in (tmp_path / "aio-outbox").iterdir()] == [f"{crash_id}.pfev"]
 
     with trio.fail_after(20):
         ids = await run_asyncio(main)
@@ -100,8 +109,14 @@ async def test_trio_client(local_daemon: Daemon, tmp_path: Path) -> None:
             await pf.flush()
             assert (await pf.status())["events"]["crash"]["accepted"] == 1
         with pytest.raises(DaemonUnavailable):
-            async with open_trio_client(tmp_path / "none.sock", job_id="j", fuzzer="f"):
+            async with open_trio_client(tmp_path / "none.sock", job_id="j", fuzzer="f",
+                                        fail_open=False):  # fmt: skip
                 pass  # pragma: no cover
+        async with open_trio_client(tmp_path / "none.sock", job_id="j", fuzzer="f",
+                                    outbox=tmp_path / "trio-outbox") as absent:  # fmt: skip
+            await absent.stats(executions=1)
+            kept = await absent.crash("SEGV", b"kept", signal=11)
+        assert [p.name for p in (tmp_path / "trio-outbox").iterdir()] == [f"{kept}.pfev"]
     assert crash_id == "trio-crash-1"
     events = {r.event.id: r.event for r in local_daemon.spool.read_after(0, 100)}
     assert events["trio-crash-1"].fields["type"] == "SIGABRT"

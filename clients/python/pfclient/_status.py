@@ -42,7 +42,7 @@ def trusted_uids(extra: Iterable[int] | None = None) -> frozenset[int]:
     return frozenset(uids)
 
 
-def peer_uid(sock: socket.socket) -> int | None:
+def peer_uid(sock: Any) -> int | None:
     """The uid of the process at the other end of a connected Unix socket (``SO_PEERCRED``)."""
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -51,7 +51,7 @@ def peer_uid(sock: socket.socket) -> int | None:
     return int(_PEERCRED.unpack(raw)[1])
 
 
-def check_peer(sock: socket.socket, path: str, trusted: frozenset[int]) -> None:
+def check_peer(sock: Any, path: str, trusted: frozenset[int]) -> None:
     """Raise :class:`UntrustedDaemon` unless the listener runs as a ``trusted`` uid."""
     uid = peer_uid(sock)
     if uid is not None and uid not in trusted:

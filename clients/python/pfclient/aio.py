@@ -30,11 +30,15 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Self
 
+from ._aio_open import FailOpenMixin
 from ._errors import DaemonUnavailable, EventRejected, FlushTimeout, PfClientError
+from ._fallback import DEFAULT_BUDGET, DEFAULT_QUEUE_BYTES, Fallback
 from ._session import Session, check_lifecycle
+from ._status import check_peer, trusted_uids
 from ._wire import WireError, default_socket_path
 
 __all__ = ["AsyncClient", "BaseAsyncClient", "Session"]
@@ -52,15 +56,21 @@ class _Call:
         self.reconnected = False
 
 
-class BaseAsyncClient:
+class BaseAsyncClient(FailOpenMixin):
     """The event-loop-independent part of :class:`AsyncClient` and ``TrioClient``.
 
-    Subclasses provide the I/O: ``_open`` (connect, start the reader), ``_write``,
-    ``_close_connection``, ``_changed_event``/``_wait_changed`` and ``_lock``.
+    Subclasses provide the I/O: ``_open`` (connect, check the peer, start the reader),
+    ``_write``, ``_close_connection``, ``_changed_event``/``_wait_changed``, ``_lock``,
+    ``_spawn``, ``_sleep`` and ``_bounded``. Fail-open (the default) is
+    :class:`pfclient._aio_open.FailOpenMixin`; the arguments are :class:`pfclient.Client`'s.
     """
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, *, job_id: str,
-                 fuzzer: str, timeout: float = 10.0, max_unacked: int = 4096) -> None:  # fmt: skip
+                 fuzzer: str, timeout: float = 10.0, max_unacked: int = 4096,
+                 fail_open: bool = True, budget: float = DEFAULT_BUDGET,
+                 queue_bytes: int = DEFAULT_QUEUE_BYTES,
+                 outbox: str | os.PathLike[str] | None = None,
+                 trust_uids: Iterable[int] | None = None) -> None:  # fmt: skip
         if max_unacked < 1:
             raise ValueError(f"max_unacked must be at least 1, got {max_unacked}")
         self.socket_path = default_socket_path() if socket_path is None else os.fspath(socket_path)
@@ -68,21 +78,57 @@ class BaseAsyncClient:
         self.fuzzer = fuzzer
         self.timeout = timeout
         self.max_unacked = max_unacked
+        self.fail_open = fail_open
+        self.budget = budget
+        self._trusted = trusted_uids(trust_uids)
         self._session = Session(job_id, fuzzer)
+        self._fallback = Fallback(
+            self._session, self.socket_path, queue_bytes=queue_bytes, max_unacked=max_unacked,
+            outbox=os.fspath(outbox) if outbox is not None else None,
+        )
         self._connected = False  # a connection whose reader has not seen EOF or an error
         self._closed = False
+        self._init_open()
 
     @property
     def rejected(self) -> list[EventRejected]:
         """Every rejection seen (newest last, at most :data:`pfclient.REJECTED_KEEP`)."""
         return self._session.rejected
 
+    @property
+    def dropped(self) -> Counter[str]:
+        """Stats and coverage events dropped from a full queue, by kind (fail-open)."""
+        return self._fallback.dropped
+
+    @property
+    def outboxed(self) -> int:
+        """Events this client wrote to the outbox."""
+        return self._fallback.outboxed
+
+    @property
+    def connected(self) -> bool:
+        """Whether the daemon answered this connection's hello (and it is still open)."""
+        return self._welcomed
+
     # -- public API (as pfclient.Client, plus ``id=`` for a caller-made stable id) -----------
 
     async def connect(self) -> Self:
-        """Connect and say hello (entering ``async with`` does this)."""
+        """Connect and say hello (entering ``async with`` does this).
+
+        Fail-open: starts the background connector and waits for it at most ``budget``.
+        """
         call = self._begin()
-        await self._reconnect(call)
+        if not self.fail_open:
+            await self._reconnect(call)
+            return self
+        self._start_connector()
+        deadline = time.monotonic() + self.budget
+        while not self._welcomed and self._connector is not None:
+            changed = self._changed_event()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._welcomed:
+                break
+            await self._wait_changed(changed, remaining)
         return self
 
     async def crash(self, type: str, input: bytes, *, signal: int = 0, exit_code: int = 0,
@@ -125,7 +171,9 @@ class BaseAsyncClient:
         """Wait until every event sent so far is acknowledged (as :meth:`pfclient.Client.flush`)."""
         call = self._begin(timeout)
         s = self._session
-        if not await self._wait_until(lambda: not s.unacked, call):
+        if self.fail_open:
+            await self._flush_open(self.timeout if timeout is None else timeout)
+        elif not await self._wait_until(lambda: not s.unacked, call):
             raise FlushTimeout(f"{len(s.unacked)} events not acknowledged by the daemon at "
                                f"{self.socket_path} in time")  # fmt: skip
         first = s.take_unreported()
@@ -159,11 +207,16 @@ class BaseAsyncClient:
         if self._closed:
             return
         try:
-            await self.flush()
+            if self.fail_open:
+                await self._close_open()
+            else:
+                await self.flush()
         except PfClientError:
             pass
         finally:
             self._closed = True
+            if self._connector is not None:
+                self._connector()  # cancel it
             await self._drop()
 
     async def __aenter__(self) -> Self:
@@ -185,6 +238,8 @@ class BaseAsyncClient:
         call = self._begin()
         s = self._session
         pending = s.event(kind, fields, job_id, ts, event_id, waited=wait)
+        if self.fail_open:
+            return await self._submit_open(pending, wait)
         if not await self._wait_until(lambda: len(s.unacked) < self.max_unacked, call):
             raise FlushTimeout(f"{len(s.unacked)} events unacknowledged by the daemon at "
                                f"{self.socket_path}; it is not keeping up")  # fmt: skip
@@ -249,8 +304,15 @@ class BaseAsyncClient:
                 await self._drop()
                 raise DaemonUnavailable(f"pfcollector daemon at {self.socket_path}: "
                                         "no welcome in time")  # fmt: skip
-            for frame in s.resend():
-                await self._write_or_drop(frame)
+            self._fallback.welcome(s.welcome)
+            self._stalled = False
+            while self._connected:  # also what calls queued meanwhile (seq 0: not sent here)
+                unsent = [p for p in s.unacked.values() if p.seq == 0]
+                if not unsent:
+                    break
+                for pending in unsent:
+                    if pending.seq == 0 and s.unacked.get(pending.id) is pending:
+                        await self._write_or_drop(s.frame(pending))
 
     def _handshake_over(self) -> bool:
         s = self._session
@@ -269,14 +331,23 @@ class BaseAsyncClient:
     def _received(self, data: bytes) -> bool:
         """The reader's hook: handle ``data``; False (and disconnected) on EOF or garbage."""
         if not data:
-            self._connected = False
+            self._lost()
             return False
+        self._stalled = False
         try:
             self._session.feed(data)
         except WireError:
-            self._connected = False
+            self._lost()
             return False
         return True
+
+    def _lost(self) -> None:
+        self._connected = False
+        if self.fail_open and not self._closed:
+            self._lost_open()
+
+    def _new_call(self, seconds: float) -> _Call:
+        return _Call(time.monotonic() + seconds)
 
     async def _drop(self) -> None:
         self._connected = False
@@ -303,6 +374,17 @@ class BaseAsyncClient:
     async def _wait_changed(self, event: Any, seconds: float) -> None:
         raise NotImplementedError
 
+    def _spawn(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Run ``fn()`` in the background; return a function that cancels it."""
+        raise NotImplementedError
+
+    async def _sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    async def _bounded(self, awaitable: Awaitable[None], seconds: float) -> bool:
+        """Await ``awaitable`` for at most ``seconds``; False if it had to be cancelled."""
+        raise NotImplementedError
+
 
 class AsyncClient(BaseAsyncClient):
     """A connection to the pfcollector daemon for one fuzzing job, for asyncio.
@@ -312,14 +394,14 @@ class AsyncClient(BaseAsyncClient):
     """
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, *, job_id: str,
-                 fuzzer: str, timeout: float = 10.0, max_unacked: int = 4096) -> None:  # fmt: skip
-        super().__init__(socket_path, job_id=job_id, fuzzer=fuzzer, timeout=timeout,
-                         max_unacked=max_unacked)  # fmt: skip
+                 fuzzer: str, **options: Any) -> None:  # fmt: skip
+        super().__init__(socket_path, job_id=job_id, fuzzer=fuzzer, **options)
         self._conn_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()  # strong references to background tasks
 
     @property
     def _lock(self) -> asyncio.Lock:
@@ -331,6 +413,11 @@ class AsyncClient(BaseAsyncClient):
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
         except TimeoutError:
             raise OSError(f"connecting timed out after {timeout:.1f}s") from None
+        try:
+            check_peer(writer.get_extra_info("socket"), path, self._trusted)
+        except PfClientError:
+            writer.close()
+            raise
         self._writer = writer
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
@@ -372,3 +459,20 @@ class AsyncClient(BaseAsyncClient):
     async def _wait_changed(self, event: Any, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), seconds)
+
+    def _spawn(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        task = asyncio.get_running_loop().create_task(fn())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task.cancel
+
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def _bounded(self, awaitable: Awaitable[None], seconds: float) -> bool:
+        try:
+            async with asyncio.timeout(seconds):  # in this task: writes keep their seq order
+                await awaitable
+        except TimeoutError:
+            return False
+        return True

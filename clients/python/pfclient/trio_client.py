@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
 
 from ._errors import PfClientError
+from ._status import check_peer
 from .aio import BaseAsyncClient
 
 __all__ = ["TrioClient", "open_trio_client"]
@@ -40,10 +41,8 @@ class TrioClient(BaseAsyncClient):
     """
 
     def __init__(self, nursery: trio.Nursery, socket_path: str | os.PathLike[str] | None = None,
-                 *, job_id: str, fuzzer: str, timeout: float = 10.0,
-                 max_unacked: int = 4096) -> None:  # fmt: skip
-        super().__init__(socket_path, job_id=job_id, fuzzer=fuzzer, timeout=timeout,
-                         max_unacked=max_unacked)  # fmt: skip
+                 *, job_id: str, fuzzer: str, **options: Any) -> None:  # fmt: skip
+        super().__init__(socket_path, job_id=job_id, fuzzer=fuzzer, **options)
         self._nursery = nursery
         self._conn_lock = trio.Lock()
         self._write_lock = trio.Lock()
@@ -60,6 +59,11 @@ class TrioClient(BaseAsyncClient):
             stream = await trio.open_unix_socket(path)
         if scope.cancelled_caught:
             raise OSError("connecting timed out")
+        try:
+            check_peer(stream.socket, path, self._trusted)
+        except PfClientError:
+            await stream.aclose()
+            raise
         self._stream = stream
         self._reader_scope = await self._nursery.start(self._read, stream)
 
@@ -105,6 +109,25 @@ class TrioClient(BaseAsyncClient):
         with trio.move_on_after(seconds):
             await event.wait()
 
+    def _spawn(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        scope = trio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await fn()
+
+        self._nursery.start_soon(run)
+        return scope.cancel
+
+    async def _sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+    async def _bounded(self, awaitable: Awaitable[None], seconds: float) -> bool:
+        # A send_all cut short leaves the stream unusable: the caller drops it.
+        with trio.move_on_after(seconds) as scope:
+            await awaitable
+        return not scope.cancelled_caught
+
 
 @contextlib.asynccontextmanager
 async def open_trio_client(
@@ -114,16 +137,21 @@ async def open_trio_client(
     fuzzer: str,
     timeout: float = 10.0,  # noqa: ASYNC109 (the connection's default wait, as Client)
     max_unacked: int = 4096,
+    **options: Any,
 ) -> AsyncIterator[TrioClient]:
     """Connect (hello, welcome) and yield a :class:`TrioClient`; flush and close on exit.
 
+    ``options``: as :class:`pfclient.Client` (``fail_open``, ``budget``, ``queue_bytes``,
+    ``outbox``, ``trust_uids``).
+
     Raises:
-        DaemonUnavailable, EventRejected: connecting failed (raised bare, not in a group).
+        DaemonUnavailable, EventRejected: (``fail_open=False``) connecting failed (raised
+            bare, not in a group).
     """
     failed: PfClientError | None = None
     async with trio.open_nursery() as nursery:
         client = TrioClient(nursery, socket_path, job_id=job_id, fuzzer=fuzzer,
-                            timeout=timeout, max_unacked=max_unacked)  # fmt: skip
+                            timeout=timeout, max_unacked=max_unacked, **options)  # fmt: skip
         try:
             await client.connect()
         except PfClientError as exc:
