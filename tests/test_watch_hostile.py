@@ -17,9 +17,11 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pfclient import DaemonUnavailable
 from pfcollector.events import CRASH_INPUT_MAX
 from pfcollector.watch import (
     AflWatcher,
@@ -162,3 +164,34 @@ def test_a_missing_directory_is_waited_for_with_a_warning(tmp_path: Path) -> Non
                      str(tmp_path / "s"), "--socket", str(tmp_path / "none.sock"))  # fmt: skip
     assert "Traceback" not in proc.stderr
     assert "does not exist yet; waiting for it" in proc.stderr and str(missing) in proc.stderr
+
+
+# -- crashes found while the daemon is away ----------------------------------------------------
+
+
+async def test_watcher_keeps_crashes_in_the_outbox_while_the_daemon_is_away(
+    tmp_path: Path, make_config: Any, nursery: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trio
+
+    from pfcollector.watch import Sink
+    from tests.conftest import start_daemon
+    from tests.test_outbox import import_now
+
+    config = make_config(coalesce=False)
+    monkeypatch.setenv("PFCOLLECTOR_OUTBOX", str(config.outbox_dir))
+    out, state = tmp_path / "out", tmp_path / "state.json"
+    make_instance(out, "default", crashes=2, queue=1)
+    sink = Sink(config.socket_path, "job-away", timeout=1.0)
+    watcher = AflWatcher(out, sink, StateFile(state, out), settle=0.0)
+    with pytest.raises(DaemonUnavailable):  # the queue and stats wait for the daemon...
+        await trio.to_thread.run_sync(watcher.scan)
+    sink.close()
+    kept = sorted(p.name for p in config.outbox_dir.glob("afl-*.pfev"))
+    assert len(kept) == 2  # ...the crashes are durable already, not retried in memory
+    assert watcher.state.data["instances"]["default"]["crashes"]["next"] == 2
+    daemon = await start_daemon(nursery, config)
+    await import_now(daemon)
+    stored = {r.event.id for r in daemon.spool.read_after(0, 100)}
+    assert {name.removesuffix(".pfev") for name in kept} <= stored
+    daemon.stop()
