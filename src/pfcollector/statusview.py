@@ -33,6 +33,7 @@ def format_status(s: dict[str, Any]) -> str:
         f"batch size {cfg['batch_size']}, flush every {cfg['flush_interval']}s, "
         f"data dir {cfg['data_dir']}",
         *_drain_lines(s.get("drain")),
+        _outbox_line(s.get("outbox")),
         "",
         f"{'kind':<9}{'received':>10}{'accepted':>10}{'rejected':>10}{'spooled':>10}"
         f"{'delivered':>11}{'retried':>9}{'dead':>7}{'dropped':>9}{'oldest':>9}",
@@ -77,6 +78,13 @@ def _drain_lines(drain: dict[str, Any] | None) -> list[str]:
     if drain.get("ended"):
         line += f"; ended early: {drain['ended']} (the rest stays in the spool)"
     return [line]
+
+
+def _outbox_line(outbox: dict[str, Any] | None) -> str:
+    if not outbox:
+        return "outbox: disabled"
+    return (f"outbox: {outbox['imported']} imported, {outbox['rejected']} rejected "
+            f"({outbox['path']})")  # fmt: skip
 
 
 def _when(wall: float | None) -> str:
