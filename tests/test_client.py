@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -360,3 +361,49 @@ def test_default_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_socket_path() == "/run/user/7/pfcollector.sock"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert default_socket_path() == f"/tmp/pfcollector-{os.getuid()}/pfcollector.sock"
+
+
+# -- fail-open (the default) ------------------------------------------------------------------
+
+
+def test_fail_open_queue_is_bounded_in_bytes_and_drops_oldest_stats(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    pf = Client(tmp_path / "none.sock", job_id="j", fuzzer="f", queue_bytes=4000, outbox=outbox)
+    assert not pf.connected
+    ids = [pf.stats(executions=n) for n in range(200)]
+    pf.lifecycle("started", "campaign")
+    assert pf.dropped["stats"] > 0 and pf.queued_bytes <= 4000
+    kept = list(pf._session.unacked)
+    assert kept[:-1] == ids[len(ids) - len(kept) + 1 :]  # the newest stats stayed
+    pf.close()  # the lifecycle event is kept in the outbox, the stats are dropped
+    assert len(list(outbox.glob("*.pfev"))) == 1
+
+
+def test_fail_open_corpus_with_contents_goes_to_the_outbox(tmp_path: Path) -> None:
+    with Client(tmp_path / "none.sock", job_id="j", fuzzer="f", outbox=tmp_path / "ob") as pf:
+        event_id = pf.corpus(["q/1"], contents=[b"bytes only we hold"])
+        assert pf.outboxed == 1
+    assert (tmp_path / "ob" / f"{event_id}.pfev").exists()
+
+
+def test_fail_open_resends_same_ids_when_the_daemon_appears(tmp_path: Path) -> None:
+    path = tmp_path / "late.sock"
+    with Client(path, job_id="j", fuzzer="f", timeout=2.0) as pf:
+        early = [pf.coverage(n) for n in range(5)]
+        daemon = FakeDaemon(path)
+        try:
+            deadline = time.monotonic() + 10
+            while not pf.connected and time.monotonic() < deadline:
+                time.sleep(0.05)
+                pf.stats(executions=1)  # later calls reconnect in their background
+            pf.flush()
+            assert daemon.ids()[:5] == early
+        finally:
+            daemon.close()
+
+
+def test_fail_open_crash_waits_for_the_ack_when_the_daemon_is_up(daemon: FakeDaemon) -> None:
+    with Client(daemon.path, job_id="j", fuzzer="f", timeout=2.0) as pf:
+        event_id = pf.crash("SEGV", b"x", signal=11)
+        assert pf.outboxed == 0
+    assert daemon.ids() == [event_id]

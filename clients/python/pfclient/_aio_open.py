@@ -210,7 +210,7 @@ class FailOpenMixin:
 
     async def _close_open(self) -> None:
         try:
-            if self._session.unacked and self._welcomed:
+            if self._session.unacked and (self._connected or self._connector) and not self._stalled:
                 await self._flush_open(min(self.timeout, _CLOSE_FLUSH))
         except PfClientError:
             pass

@@ -165,8 +165,9 @@ class Client:
         self._closed = False
         _clients.add(self)
         with self._lock:
-            if fail_open:
-                self._pump(time.monotonic() + budget)
+            if fail_open:  # a live daemon welcomes us within the budget, usually
+                self._wait_until(lambda: self._session.welcome is not None,
+                                 time.monotonic() + budget)  # fmt: skip
             else:
                 self._connect_strict(time.monotonic() + timeout)
 
@@ -366,7 +367,7 @@ class Client:
             try:
                 if not self.fail_open:
                     self.flush()
-                elif self._session.unacked and self.connected:
+                elif self._session.unacked and self._sock is not None and not self._stalled:
                     self.flush(timeout=min(self.timeout, _CLOSE_FLUSH))
             except PfClientError:
                 pass
