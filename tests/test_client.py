@@ -407,3 +407,17 @@ def test_fail_open_crash_waits_for_the_ack_when_the_daemon_is_up(daemon: FakeDae
         event_id = pf.crash("SEGV", b"x", signal=11)
         assert pf.outboxed == 0
     assert daemon.ids() == [event_id]
+
+
+def test_fail_open_bookkeeping_stays_bounded(daemon: FakeDaemon, tmp_path: Path) -> None:
+    with Client(tmp_path / "none.sock", job_id="j", fuzzer="f", max_unacked=100) as away:
+        for n in range(20_000):
+            away.stats(executions=n)
+        assert len(away._session.unacked) <= 100 and away.dropped["stats"] >= 19_900
+        assert len(away._unsent) <= 2 * 100 + 65
+        assert len(away._fallback._droppable) <= 2 * 100 + 65
+    with Client(daemon.path, job_id="j", fuzzer="f", timeout=5.0, max_unacked=1000) as up:
+        for n in range(5_000):
+            up.stats(executions=n)
+        up.flush()
+        assert len(up._fallback._droppable) <= 2 * 1000 + 65  # acked ones are pruned

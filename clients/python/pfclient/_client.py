@@ -59,6 +59,7 @@ from ._fallback import (
     Fallback,
     durable,
     holds_bytes,
+    prune,
 )
 from ._session import REJECTED_KEEP, Pending, Session, check_lifecycle
 from ._status import check_peer, path_of, status, trusted_uids
@@ -81,7 +82,7 @@ RECONNECT_MAX = 2.0
 _RECONNECT_MIN = 0.05
 _CLOSE_FLUSH = 1.0  # seconds close() waits for acks in fail-open mode
 _READ_SIZE = 64 * 1024
-_OUT_AHEAD = 256 * 1024  # bytes encoded ahead of the socket (the rest stays droppable)
+_OUT_AHEAD = 64 * 1024  # bytes encoded ahead of the socket (the rest stays droppable)
 _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)  # no SIGPIPE, ever
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
@@ -473,8 +474,11 @@ class Client:
         return not self._out and not self._unsent and self._session.welcome is not None
 
     def _enqueue(self, pending: Pending) -> None:
-        self._session.queue(pending)
+        s = self._session
+        s.queue(pending)
         self._unsent.append(pending)
+        if len(self._unsent) > 2 * len(s.unacked) + 64:  # dropped ones linger: prune
+            self._unsent = prune(self._unsent, s)
         self._fallback.queued(pending)
 
     # -- I/O --------------------------------------------------------------------------------
@@ -487,7 +491,7 @@ class Client:
             while True:
                 progressed = self._read()
                 if self._session.welcome is not None:
-                    self._fill()
+                    self._fill(deadline)
                 if self._out:
                     progressed = self._write() or progressed
                 if not progressed or time.monotonic() >= deadline:
@@ -495,13 +499,18 @@ class Client:
         except _Broken as exc:
             self._lost(exc)
 
-    def _fill(self) -> None:
-        """Encode queued events (fresh seqs) up to :data:`_OUT_AHEAD` bytes ahead."""
+    def _fill(self, deadline: float) -> None:
+        """Encode queued events (fresh seqs) up to :data:`_OUT_AHEAD` bytes ahead, and not past
+        ``deadline`` (a backlog of thousands of events is encoded over several calls)."""
         s, out, unsent = self._session, self._out, self._unsent
+        n = 0
         while unsent and len(out) < _OUT_AHEAD:
             pending = unsent.popleft()
             if s.unacked.get(pending.id) is pending and pending.seq == 0:
                 out += s.frame(pending)
+                n += 1
+                if n % 32 == 0 and time.monotonic() >= deadline:
+                    return
 
     def _write(self) -> bool:
         sock = self._sock

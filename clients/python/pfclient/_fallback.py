@@ -23,7 +23,16 @@ from ._errors import OutboxUnavailable
 from ._outbox import default_outbox_dir, write_event
 from ._session import Pending, Session
 
-__all__ = ["DEFAULT_BUDGET", "DEFAULT_QUEUE_BYTES", "DROPPABLE", "RETRY_LATER", "Fallback"]
+__all__ = [
+    "DEFAULT_BUDGET",
+    "DEFAULT_QUEUE_BYTES",
+    "DROPPABLE",
+    "RETRY_LATER",
+    "Fallback",
+    "durable",
+    "holds_bytes",
+    "prune",
+]
 
 log = logging.getLogger("pfclient")
 
@@ -90,7 +99,10 @@ class Fallback:
     def queued(self, pending: Pending) -> None:
         """``pending`` joined the session's queue."""
         if pending.kind in DROPPABLE:
-            self._droppable.append(pending)
+            droppable = self._droppable
+            droppable.append(pending)
+            if len(droppable) > 2 * len(self.session.unacked) + 64:  # acked ones linger: prune
+                self._droppable = prune(droppable, self.session)
 
     def to_outbox(self, pending: Pending) -> None:
         """Write ``pending`` to the outbox (durable on return). Raises OutboxUnavailable."""
@@ -119,6 +131,12 @@ class Fallback:
     def clear(self) -> None:
         """Forget the queue's order (a forked child)."""
         self._droppable.clear()
+
+
+def prune(queue: deque[Pending], session: Session) -> deque[Pending]:
+    """``queue`` without the events the session no longer keeps (amortised O(1) per event)."""
+    unacked = session.unacked
+    return deque(p for p in queue if unacked.get(p.id) is p)
 
 
 def durable(pending: Pending) -> bool:
