@@ -340,7 +340,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 str(rng.getrandbits(32)),
                 f"job-{i}",
             ]
-            clients.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
+            # The daemon's outbox: a fail-open crash with no daemon is kept there (a producer
+            # that never saw a welcome would otherwise use the default data dir's).
+            env = {**os.environ, "PFCOLLECTOR_OUTBOX": str(work / "data" / "outbox")}
+            clients.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env))
         saboteur.start()
         deadline = started + args.seconds
         schedule = ["down", "timeout", "503", "reset", "kill9"]
