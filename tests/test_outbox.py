@@ -183,3 +183,20 @@ def test_admits_follows_the_socket_rules() -> None:
     listed = Importer(Path("/nonexistent"), max_frame=1024, socket_mode=0o666,
                       allows=lambda uid, gid: uid == me)  # fmt: skip
     assert not listed.admits(65534, 65534) and listed.admits(me, 0)
+
+
+async def test_an_outbox_writable_by_all_is_refused_not_fatal(
+    outbox_config: Config, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    outbox_config.outbox_dir.mkdir(parents=True)
+    os.chmod(outbox_config.outbox_dir, 0o777)
+    if os.geteuid() == 0:
+        os.chown(outbox_config.outbox_dir, 65534, 65534)  # someone else's directory
+    else:
+        pytest.skip("needs root to give the outbox another owner")
+    daemon = await start_daemon(nursery, outbox_config)
+    assert daemon.server.outbox is None  # the welcome names no outbox then
+    assert any("outbox disabled" in r.getMessage() for r in caplog.records)
+    status = await daemon.status()
+    assert status["outbox"]["passes"] == 0
+    daemon.stop()

@@ -163,8 +163,11 @@ def prepare_outbox(path: Path, group: int | None) -> None:
     path.mkdir(mode=0o750, parents=True, exist_ok=True)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise PermissionError(errno.EPERM, f"outbox {path} is not a directory owned by uid "
-                              f"{os.geteuid()}; not importing from it")  # fmt: skip
+        raise PermissionError(
+            errno.EPERM,
+            f"outbox {path} is not a directory owned by uid {os.geteuid()} (owner "
+            f"{st.st_uid}); not importing from it",
+        )
     if group is not None:
         os.chown(path, -1, group)
         os.chmod(path, 0o1770)
