@@ -20,6 +20,7 @@ import trio
 from pfclient._outbox import outbox_bytes, write_event
 from pfcollector.config import Config
 from pfcollector.daemon import Daemon
+from pfcollector.metrics import Metrics, daemon_snapshot
 from pfcollector.outbox import Importer, decode_file, file_limit
 from tests.conftest import start_daemon
 
@@ -63,6 +64,9 @@ async def test_files_written_before_start_are_imported_and_deleted(
     assert rows["c-1"].job_id == "job-o" and rows["c-1"].fuzzer == "fz"
     status = await daemon.status()
     assert status["outbox"]["imported"] == 3 and status["outbox"]["rejected"] == 0
+    text = (await Metrics(lambda: daemon_snapshot(daemon)).render()).decode()
+    assert "pfcollector_outbox_imported_total 3.0" in text
+    assert "pfcollector_outbox_rejected_total 0.0" in text
     daemon.stop()
 
 
