@@ -184,3 +184,13 @@ def test_world_writable_dir_without_sticky_bit_is_refused(tmp_path: Path) -> Non
     os.chmod(open_dir, 0o777)
     with pytest.raises(SocketPathRefused, match="anyone may replace"):
         prepare_socket_dir(open_dir / "pf.sock")
+
+
+@needs_root
+def test_pfcollector_status_refuses_a_squatter(squatter: tuple[Path, Path]) -> None:
+    sock, log = squatter
+    proc = subprocess.run([sys.executable, "-m", "pfcollector", "status", "--socket", str(sock)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and f"uid {NOBODY}" in proc.stderr
+    assert not log.exists()

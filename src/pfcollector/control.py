@@ -14,6 +14,9 @@ from typing import Any
 
 import msgpack
 
+from pfclient import PfClientError
+from pfclient._status import check_peer, trusted_uids
+
 from .config import default_socket_path
 from .protocol import HEADER_SIZE, Control, ErrorMsg, Reply, encode, parse_server_message
 
@@ -43,6 +46,10 @@ def request(
             raise DaemonUnreachable(
                 f"no pfcollector daemon at {path}: {exc.strerror or exc}"
             ) from None
+        try:  # an impostor on the path gets nothing, not even the request (security.md)
+            check_peer(sock, str(path), trusted_uids())
+        except (PfClientError, ValueError) as exc:
+            raise DaemonUnreachable(str(exc)) from None
         sock.sendall(encode(Control(1, op, args or {})))
         while True:
             (length,) = struct.unpack(">I", _recv_exact(sock, HEADER_SIZE, path))
