@@ -29,6 +29,7 @@ log = logging.getLogger("pfclient")
 #: The longest wait between two reconnection attempts.
 RECONNECT_MAX = 2.0
 _RECONNECT_MIN = 0.05
+_LIVED = 1.0  # seconds a connection must have worked for a loss to be retried at once
 _CLOSE_FLUSH = 1.0
 
 
@@ -45,6 +46,8 @@ class FailOpenMixin:
 
     def _init_open(self) -> None:
         self._backoff = _RECONNECT_MIN
+        self._welcomed_at = 0.0
+        self._wait_first = False  # the last connection broke right after its welcome
         self._connector: Any = None  # a cancel handle while the connector runs
         self._stalled = False
         self._away_logged = False
@@ -93,6 +96,9 @@ class FailOpenMixin:
 
     async def _connect_loop(self) -> None:
         try:
+            if self._wait_first:  # never reconnect in a tight loop to a daemon that drops us
+                await self._sleep(self._backoff)
+                self._backoff = min(self._backoff * 2, RECONNECT_MAX)
             while not self._closed and not self._welcomed:
                 try:
                     await self._reconnect(self._new_call(self.timeout))
@@ -100,7 +106,7 @@ class FailOpenMixin:
                     self._note_away(exc)
                 else:
                     if self._is_welcomed():
-                        self._backoff = _RECONNECT_MIN
+                        self._welcomed_at = time.monotonic()
                         if self._away_logged:
                             log.warning("reconnected to the pfcollector daemon at %s",
                                         self.socket_path)  # fmt: skip
@@ -119,6 +125,10 @@ class FailOpenMixin:
 
     def _lost_open(self) -> None:
         """The reader saw the connection end (fail-open): keep what only we hold, reconnect."""
+        lived = time.monotonic() - self._welcomed_at
+        self._wait_first = lived < _LIVED
+        if not self._wait_first:
+            self._backoff = _RECONNECT_MIN
         self._fallback.spill(holds_bytes)
         self._start_connector()
 
@@ -153,12 +163,19 @@ class FailOpenMixin:
 
     async def _crash_open(self, pending: Pending) -> str:
         fb, s = self._fallback, self._session
+        deadline = time.monotonic() + self.timeout
+        # A connection on its way (not known to be away): wait for its welcome, within timeout.
+        while not self._is_welcomed() and self._connector is not None and not self._away_logged:
+            changed = self._changed_event()
+            remaining = deadline - time.monotonic()
+            if self._is_welcomed() or remaining <= 0:
+                break
+            await self._wait_changed(changed, min(remaining, 0.05))
         if not self._welcomed or self._stalled or not fb.make_room(pending):
             self._start_connector()
             fb.to_outbox(pending)
             return pending.id
         s.queue(pending)
-        deadline = time.monotonic() + self.timeout
         if self._connector is None:  # else the connector is resending, this one included
             await self._write_within(s.frame(pending), self.timeout)
         while not pending.done and self._connected:

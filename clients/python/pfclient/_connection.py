@@ -38,6 +38,7 @@ log = logging.getLogger("pfclient")
 #: The longest wait between two reconnection attempts (it starts at :data:`_RECONNECT_MIN`).
 RECONNECT_MAX = 2.0
 _RECONNECT_MIN = 0.05
+_LIVED = 1.0  # seconds a connection must have worked for a loss to be retried at once
 _READ_SIZE = 64 * 1024
 _OUT_AHEAD = 64 * 1024  # bytes encoded ahead of the socket (the rest stays droppable)
 _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)  # no SIGPIPE, ever
@@ -66,6 +67,7 @@ class Connection:
         self._unsent: deque[Pending] = deque()  # queued, not yet encoded on this connection
         self._connect_after = 0.0
         self._backoff = _RECONNECT_MIN
+        self._welcomed_at = 0.0
         self._reconnected = False
         self._stalled = False  # a crash went unacknowledged on this connection
         self._away_logged = False
@@ -143,7 +145,7 @@ class Connection:
         welcome = self._session.welcome
         assert welcome is not None
         self._fallback.welcome(welcome)
-        self._backoff = _RECONNECT_MIN
+        self._welcomed_at = time.monotonic()
         if self._away_logged:
             log.warning("reconnected to the pfcollector daemon at %s", self.socket_path)
         self._away_logged = False
@@ -218,9 +220,14 @@ class Connection:
         self._drop()
         if refused is not None:
             self._last_refusal = refused
+        lived = time.monotonic() - self._welcomed_at if was_welcomed else 0.0
+        if lived >= _LIVED:  # a working daemon went away: try again at once
+            self._backoff = _RECONNECT_MIN
         self._failed(exc)
-        if was_welcomed and refused is None:
-            self._connect_after = 0.0  # a working daemon went away: try again at once
+        if lived >= _LIVED and refused is None:
+            self._connect_after = 0.0
+        # A connection that breaks right after its welcome (a draining daemon, a fatal
+        # error) is retried after a growing backoff, never in a tight loop.
         if self.fail_open:  # bytes that only this process holds: keep them durable
             self._fallback.spill(holds_bytes)
 
