@@ -421,3 +421,42 @@ def test_fail_open_bookkeeping_stays_bounded(daemon: FakeDaemon, tmp_path: Path)
             up.stats(executions=n)
         up.flush()
         assert len(up._fallback._droppable) <= 2 * 1000 + 65  # acked ones are pruned
+
+
+def test_fail_open_does_not_spin_on_a_daemon_that_drops_it(tmp_path: Path) -> None:
+    """A daemon that welcomes and at once closes (draining, a fatal error) is retried after a
+    growing backoff: a busy harness makes a handful of connections, not one per call."""
+    path = str(tmp_path / "rude.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    listener.settimeout(0.05)
+    accepted = 0
+    stop = threading.Event()
+
+    def rude() -> None:
+        nonlocal accepted
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            accepted += 1
+            conn.sendall(encode(Welcome(1, "rude", 1 << 20)))
+            conn.close()
+
+    thread = threading.Thread(target=rude, daemon=True)
+    thread.start()
+    try:
+        with Client(path, job_id="j", fuzzer="f", timeout=0.5) as pf:
+            end = time.monotonic() + 1.0
+            calls = 0
+            while time.monotonic() < end:
+                pf.stats(executions=calls)
+                calls += 1
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+    assert calls > 1000
+    assert accepted < 20, f"{accepted} connections for {calls} calls"
