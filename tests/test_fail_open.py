@@ -185,3 +185,58 @@ def test_sigstop_blocks_no_call_and_sigcont_delivers(
     assert master.count("crash") == len(wanted)
     wait_for(lambda: any(r["body"].get("id") == last for r in master.rows("status")),
              "the last stats")  # fmt: skip
+
+
+@pytest.mark.parametrize("flavour", ["asyncio", "trio"])
+def test_async_clients_with_a_stopped_daemon(
+    daemon: DaemonProcess, master: DevMaster, monkeypatch: pytest.MonkeyPatch, flavour: str
+) -> None:
+    """The asyncio and trio clients: no call blocks on a SIGSTOPped daemon beyond its budget
+    (crash: its timeout), crashes go to the outbox, and everything arrives after SIGCONT."""
+    import asyncio
+
+    import trio
+
+    from pfclient.aio import AsyncClient
+    from pfclient.trio_client import open_trio_client
+
+    monkeypatch.setenv("PFCOLLECTOR_OUTBOX", str(daemon.data_dir / "outbox"))
+    daemon.start()
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    figures: dict[str, object] = {}
+
+    async def harness(pf: object) -> None:
+        first = await pf.crash("SEGV", f"{flavour} before".encode(), signal=11)  # type: ignore[attr-defined]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            slowest, crash_ids = 0.0, [first]
+            for i in range(2000):
+                start = time.monotonic()
+                await pf.stats(executions=i)  # type: ignore[attr-defined]
+                slowest = max(slowest, time.monotonic() - start)
+                if i % 500 == 0:
+                    crash_ids.append(await pf.crash("SEGV", f"{flavour} {i}".encode(),  # type: ignore[attr-defined]
+                                                    signal=11))  # fmt: skip
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        figures.update(slowest=slowest, crash_ids=crash_ids)
+
+    async def run_asyncio() -> None:
+        async with AsyncClient(daemon.socket_path, job_id=f"job-{flavour}", fuzzer="f",
+                               timeout=1) as pf:  # fmt: skip
+            await harness(pf)
+
+    async def run_trio() -> None:
+        async with open_trio_client(daemon.socket_path, job_id=f"job-{flavour}", fuzzer="f",
+                                    timeout=1) as pf:  # fmt: skip
+            await harness(pf)
+
+    if flavour == "asyncio":
+        asyncio.run(run_asyncio())
+    else:
+        trio.run(run_trio)
+    print(f"{flavour}: slowest stats with a stopped daemon {figures['slowest']}")
+    assert figures["slowest"] < BLOCKED  # type: ignore[operator]
+    wanted = set(figures["crash_ids"])  # type: ignore[call-overload]
+    wait_for(lambda: master.ids("crash") >= wanted, "crashes after SIGCONT")

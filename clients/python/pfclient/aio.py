@@ -217,6 +217,7 @@ class BaseAsyncClient(FailOpenMixin):
             self._closed = True
             if self._connector is not None:
                 self._connector()  # cancel it
+            await self._background_done()
             await self._drop()
 
     async def __aenter__(self) -> Self:
@@ -381,6 +382,9 @@ class BaseAsyncClient(FailOpenMixin):
     async def _sleep(self, seconds: float) -> None:
         raise NotImplementedError
 
+    async def _background_done(self) -> None:
+        """Wait until cancelled background tasks have ended (so none holds a socket)."""
+
     async def _bounded(self, awaitable: Awaitable[None], seconds: float) -> bool:
         """Await ``awaitable`` for at most ``seconds``; False if it had to be cancelled."""
         raise NotImplementedError
@@ -449,7 +453,9 @@ class AsyncClient(BaseAsyncClient):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if writer is not None:
-            writer.close()
+            # abort, not close: close() waits until the buffer is written, which a hung
+            # daemon never allows; what was not acknowledged stays queued anyway.
+            writer.transport.abort()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
@@ -468,6 +474,11 @@ class AsyncClient(BaseAsyncClient):
 
     async def _sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    async def _background_done(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, PfClientError, OSError):
+                await task
 
     async def _bounded(self, awaitable: Awaitable[None], seconds: float) -> bool:
         try:
