@@ -204,3 +204,10 @@ async def test_an_outbox_writable_by_all_is_refused_not_fatal(
     status = await daemon.status()
     assert status["outbox"]["passes"] == 0
     daemon.stop()
+
+
+def test_the_writer_makes_missing_parents_private(tmp_path: Path) -> None:
+    outbox = tmp_path / "data" / "deeper" / "outbox"
+    write_event(outbox, HELLO, crash("p-1"))
+    for path in (tmp_path / "data", tmp_path / "data" / "deeper", outbox):
+        assert path.stat().st_mode & 0o777 == 0o750, path  # not 0755: the daemon refuses that

@@ -49,6 +49,19 @@ def default_outbox_dir() -> str:
     return os.path.join(os.path.abspath(data), "outbox")
 
 
+def _make_private_dirs(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each mode 0750 (``mkdir(parents=True)``
+    would make the parents 0755: a data directory the daemon then refuses as open to all)."""
+    missing: list[Path] = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o750)
+
+
 def outbox_bytes(hello: dict[str, Any], event: dict[str, Any]) -> bytes:
     """The content of an outbox file: ``hello`` then ``event`` (given ``seq`` 1) as frames."""
     body = {"t": "event", "seq": 1}
@@ -62,8 +75,8 @@ def write_event(directory: str | os.PathLike[str], hello: dict[str, Any],
                 event: dict[str, Any]) -> Path:  # fmt: skip
     """Write ``event`` (which must carry its ``id``) durably into the outbox ``directory``.
 
-    The directory is created (mode 0750) if missing. An existing file of the same id is
-    replaced: same id, same event.
+    The directory is created (mode 0750, and so are its missing parents) if missing. An
+    existing file of the same id is replaced: same id, same event.
 
     Returns:
         The file's path.
@@ -77,7 +90,7 @@ def write_event(directory: str | os.PathLike[str], hello: dict[str, Any],
         raise ValueError(f"an outbox event needs an id of 1..64 [A-Za-z0-9._:-], got {event_id!r}")
     data = outbox_bytes(hello, event)
     folder = Path(directory)
-    folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+    _make_private_dirs(folder)
     tmp = folder / f".{event_id}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
     final = folder / f"{event_id}{OUTBOX_SUFFIX}"
     fd = os.open(tmp, _FLAGS, 0o640)
