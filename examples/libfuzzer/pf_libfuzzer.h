@@ -19,8 +19,9 @@
  *     from the report ("SEGV", "heap-buffer-overflow", ...), signal 11/7/8/4/6 for a deadly
  *     signal (0 otherwise), exit_code 1 (ASan's), stack_trace = the report, output = its
  *     SUMMARY line. A chained SIGABRT handler covers abort()/assert(), which libFuzzer (not
- *     ASan) handles. pf_crash waits for the daemon's durable ack (bounded by the timeout), then
- *     libFuzzer carries on as usual: it still writes its crash-<sha1> file and exits.
+ *     ASan) handles. pf_crash waits for the daemon's durable ack (bounded by the timeout; else
+ *     the crash is written to the outbox), then libFuzzer carries on as usual: it still
+ *     writes its crash-<sha1> file and exits.
  *     __sanitizer_set_death_callback is deliberately NOT used: there is a single death
  *     callback and libFuzzer already owns it (setting it loses the crash-* file).
  *   - Coverage (needs the link flag -Wl,--wrap=__sanitizer_cov_8bit_counters_init, else 0
@@ -33,8 +34,10 @@
  *     with exit()) final stats, "stopped" and a flush of up to 2 s.
  *   Environment: PFCOLLECTOR_SOCKET (daemon socket, default rule of docs/protocol.md),
  *   PFCOLLECTOR_JOB_ID (default "libfuzzer-local"), PFCOLLECTOR_FUZZER (default "libfuzzer"),
- *   PFCOLLECTOR_REPORT_MS. Without a daemon everything is a no-op that costs a few
- *   nanoseconds per run (the client fails open and retries with a backoff).
+ *   PFCOLLECTOR_REPORT_MS (and the client's PFCOLLECTOR_OUTBOX, PFCOLLECTOR_DAEMON_UID, ...).
+ *   Without a daemon a run costs a few nanoseconds more (the client fails open and retries
+ *   with a backoff), stats wait in the client's ring, and a crash goes to the outbox, which
+ *   the daemon imports when it is back (pfclient.h, FAIL-OPEN).
  *   No malloc; one static pf_client. Build with clang -fsanitize=fuzzer,address. The glue and
  *   the client are compiled without coverage instrumentation (clang attribute), so they add
  *   no features to libFuzzer's feedback and do not count themselves as covered edges.
