@@ -211,3 +211,33 @@ def test_the_writer_makes_missing_parents_private(tmp_path: Path) -> None:
     write_event(outbox, HELLO, crash("p-1"))
     for path in (tmp_path / "data", tmp_path / "data" / "deeper", outbox):
         assert path.stat().st_mode & 0o777 == 0o750, path  # not 0755: the daemon refuses that
+
+
+async def test_a_pass_reads_within_the_memory_budget(
+    make_config: Callable[..., Config], nursery: trio.Nursery
+) -> None:
+    """Twenty 1 MiB crashes against a 16 MiB budget: each read is reserved first and holds at
+    most a quarter of the budget (plus the one file that crosses it), and all are imported."""
+    config = make_config(coalesce=False, memory_budget=16 * 1024 * 1024)
+    daemon = await start_daemon(nursery, config)
+    budget = daemon.outbox.budget
+    assert budget is daemon.budget
+    batches: list[int] = []
+    read_batch = daemon.outbox._read_batch
+
+    def watched(limit: int) -> Any:
+        batch = read_batch(limit)
+        batches.append(sum(len(f.data) for f in batch if isinstance(f.data, bytes)))
+        assert limit == budget.capacity // 4
+        return batch
+
+    daemon.outbox._read_batch = watched  # type: ignore[method-assign]
+    for i in range(20):
+        write_event(config.outbox_dir, HELLO, crash(f"big-{i}", bytes([i]) * (1024 * 1024)))
+    with trio.fail_after(30):
+        while len(stored_ids(daemon)) < 20:
+            await import_now(daemon)
+    assert sorted(stored_ids(daemon)) == sorted(f"big-{i}" for i in range(20))
+    read = [n for n in batches if n]
+    assert len(read) >= 4 and max(read) <= budget.capacity // 4 + 1024 * 1024
+    daemon.stop()

@@ -116,6 +116,7 @@ class Daemon:
             allows=self.server.limits.allows,
             socket_mode=config.socket_mode,
             socket_group=config.socket_gid,
+            budget=self.budget,
         )
         self.server.outbox = str(config.outbox_dir)
         self.pipeline = Pipeline(

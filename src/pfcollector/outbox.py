@@ -14,8 +14,9 @@ regular file within :func:`file_limit` bytes owned by a uid the socket would adm
 (:meth:`Importer.admits`). Anything else moves to ``<outbox>/rejected/`` with one log line.
 
 Resource handling:
-    One pass reads at most :data:`PASS_MAX_BYTES` of files before handing them on, so memory
-    stays bounded whatever the outbox holds. Files settle on the ingest channel's flow control.
+    One pass reads at most :data:`PASS_MAX_BYTES` of files, and no more than a quarter of the
+    daemon's memory budget, reserved from it before reading and held until the group commit
+    has the events, so memory stays bounded whatever the outbox holds. Files settle on the ingest channel's flow control.
 
 Error handling:
     A file the spool cannot take now (``spool_full``, ``disk_full``, ``spool_write_failed``)
@@ -43,6 +44,7 @@ import trio
 
 from .events import Event, Kind
 from .ingest import AckTracker, Pending
+from .membudget import MemoryBudget, Reservation
 from .protocol import HEADER_SIZE, EventMsg, Hello, ProtocolError, ServerConnection
 
 __all__ = [
@@ -198,8 +200,11 @@ class Importer:
 
     def __init__(self, directory: Path, *, max_frame: int,
                  allows: Callable[[int, int], bool] = lambda uid, gid: True,
-                 socket_mode: int = 0o660, socket_group: int | None = None) -> None:  # fmt: skip
+                 socket_mode: int = 0o660, socket_group: int | None = None,
+                 budget: MemoryBudget | None = None) -> None:  # fmt: skip
         self.directory = Path(directory)
+        #: The daemon's memory budget: a pass reads no more than it has reserved from it.
+        self.budget = budget
         self.max_frame = max_frame
         self.limit = file_limit(max_frame)
         self._rules = _Socketrules(allows, socket_mode, socket_group)
@@ -280,10 +285,22 @@ class Importer:
         self.passes += 1
         total = 0
         while True:
-            batch = await trio.to_thread.run_sync(self._read_batch)
-            if not batch:
-                return total
-            total += await self._store(batch, ingest)
+            # A pass holds what it reads until the group commit has it: reserved first, so the
+            # outbox cannot hold memory past the budget that bounds the sockets' readers too.
+            limit = PASS_MAX_BYTES
+            held = None
+            if self.budget is not None:
+                limit = min(limit, self.budget.capacity // 4)
+                held = Reservation(self.budget)
+                await held.ensure(limit)
+            try:
+                batch = await trio.to_thread.run_sync(self._read_batch, limit)
+                if not batch:
+                    return total
+                total += await self._store(batch, ingest)
+            finally:
+                if held is not None:
+                    held.release()
             if len(batch) < PASS_MAX_FILES:
                 return total
 
@@ -298,8 +315,9 @@ class Importer:
         self._dir_failed = False
         return sorted(n for n in names if n.endswith(OUTBOX_SUFFIX) and not n.startswith("."))
 
-    def _read_batch(self) -> list[OutboxFile]:
-        """Read and decode up to a pass's worth of files; refuse the bad ones (thread)."""
+    def _read_batch(self, limit: int = PASS_MAX_BYTES) -> list[OutboxFile]:
+        """Read and decode up to ``limit`` bytes of files (at least one); refuse the bad ones
+        (thread)."""
         out: list[OutboxFile] = []
         size = 0
         for name in self._names():
@@ -317,7 +335,7 @@ class Importer:
                 continue
             out.append(item)
             size += _size(item)
-            if size >= PASS_MAX_BYTES or len(out) >= PASS_MAX_FILES:
+            if size >= limit or len(out) >= PASS_MAX_FILES:
                 break
         return out
 
