@@ -1,8 +1,16 @@
 """Shared fixtures. Unix socket paths must stay under 108 bytes, so sockets live in a short
-temporary directory rather than in ``tmp_path``."""
+temporary directory rather than in ``tmp_path``.
+
+Optional toolchains (clang, gcc, g++, afl++, go): a test that needs one calls
+:func:`require_tool` first. When the tool is missing the test is SKIPPED with a reason naming
+the tool and the Debian package (pytest's ``-ra`` summary lists it), so the README's test
+command passes on a machine with only Python and pip. CI sets ``PFCOLLECTOR_REQUIRE_TOOLCHAINS=1``
+(see ``.ci/run``): then a missing tool FAILS the test instead, so CI never skips silently.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -16,6 +24,38 @@ import trio
 from pfcollector.config import Config
 from pfcollector.daemon import Daemon
 from pfcollector.events import Event, Kind
+
+REQUIRE_TOOLCHAINS = "PFCOLLECTOR_REQUIRE_TOOLCHAINS"
+"""Set to ``1`` to turn every "toolchain missing" skip into a failure (CI does)."""
+
+# The Debian package that brings each tool (named in the skip reason).
+TOOL_PACKAGES = {
+    "clang": "clang",
+    "gcc": "gcc",
+    "g++": "g++",
+    "afl-fuzz": "afl++",
+    "afl-cc": "afl++",
+    "go": "golang-go",
+}
+
+
+def require_tool(*names: str, package: str | None = None) -> str:
+    """The path of the first of ``names`` on PATH; else skip (or fail under CI) the test.
+
+    ``require_tool("clang")``; ``require_tool("afl-cc", "afl-gcc", package="afl++")`` accepts
+    any of several names. Call it at the start of a sync test, or in a sync fixture of a trio
+    test (a skip raised inside trio loses its reason in pytest's summary).
+    """
+    for name in names:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    pkg = package or TOOL_PACKAGES.get(names[0], names[0])
+    what = " or ".join(names)
+    reason = f"{what} not installed (optional toolchain; Debian: apt-get install {pkg})"
+    if os.environ.get(REQUIRE_TOOLCHAINS) == "1":
+        pytest.fail(f"{reason}, and {REQUIRE_TOOLCHAINS}=1 requires it", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)

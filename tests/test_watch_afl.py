@@ -3,15 +3,15 @@ and a watcher that never loses its place (state advances only after acks, surviv
 crash ids are stable). Unit tests use synthetic output directories and a recording sink; the
 integration test runs the watcher (in a worker thread: it blocks) against a live in-process
 daemon; the end-to-end test runs real ``afl-fuzz`` with ``pfcollector watch afl`` as a
-subprocess and a daemon delivering to a DevMaster. A missing afl++ FAILS that test unless
-``PFCOLLECTOR_ALLOW_NO_AFL=1``. Real clock; every wait is bounded by ``trio.fail_after``."""
+subprocess and a daemon delivering to a DevMaster. A missing afl++ skips that test
+(``require_tool`` in conftest.py; it fails under ``PFCOLLECTOR_REQUIRE_TOOLCHAINS=1``, as in
+CI). Real clock; every wait is bounded by ``trio.fail_after``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -37,6 +37,8 @@ from pfcollector.watch import (
     signal_type,
     stats_fields,
 )
+
+from .conftest import require_tool
 
 STATS = """start_time        : 1795721404
 last_update       : 1795721408
@@ -258,25 +260,22 @@ int main(void) {
 """
 
 
-def _afl_tools() -> tuple[str, str] | None:
-    fuzz = shutil.which("afl-fuzz")
-    cc = shutil.which("afl-cc") or shutil.which("afl-clang-fast") or shutil.which("afl-gcc")
-    return (fuzz, cc) if fuzz and cc else None
+@pytest.fixture
+def afl_tools() -> tuple[str, str]:
+    """afl-fuzz and a compiler, checked in a sync fixture: a skip raised inside a trio test
+    loses its reason in pytest's summary."""
+    afl_fuzz = require_tool("afl-fuzz")
+    return afl_fuzz, require_tool("afl-cc", "afl-clang-fast", "afl-gcc", package="afl++")
 
 
 @pytest.mark.slow
 async def test_e2e_real_afl_crash_reaches_master(
-    make_config: Callable[..., Config], nursery: trio.Nursery, tmp_path: Path
+    afl_tools: tuple[str, str],
+    make_config: Callable[..., Config],
+    nursery: trio.Nursery,
+    tmp_path: Path,
 ) -> None:
-    tools = _afl_tools()
-    if tools is None:
-        if os.environ.get("PFCOLLECTOR_ALLOW_NO_AFL") == "1":
-            pytest.skip("afl++ is not installed and PFCOLLECTOR_ALLOW_NO_AFL=1")
-        pytest.fail(
-            "afl++ is not installed (afl-fuzz and afl-cc not on PATH): "
-            "apt-get install afl++, or set PFCOLLECTOR_ALLOW_NO_AFL=1 to skip"
-        )
-    afl_fuzz, afl_cc = tools
+    afl_fuzz, afl_cc = afl_tools
     (tmp_path / "t.c").write_text(TARGET)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "seed").write_bytes(b"hello")
