@@ -17,6 +17,7 @@ from pfcollector.daemon import Daemon
 from pfcollector.devmaster import DevMaster
 from pfcollector.events import Kind
 from pfcollector.protocol import ErrorMsg, EventMsg
+from pfcollector.statusview import format_status
 
 from .conftest import start_daemon
 from .wire import RawClient, event, exchange
@@ -239,6 +240,13 @@ async def test_full_spool_refuses_crashes_with_an_error(
     assert not stored & refused
     status = await daemon.status()
     assert status["spool"]["kinds"]["crash"]["refused"] == len(errors)
+    # status tells the truth: every crash received, the refused ones not counted accepted,
+    # the refusal by code, and an alert in the human view.
+    crash = status["events"]["crash"]
+    assert crash["received"] == 8
+    assert crash["refused"] == {"spool_full": len(errors)}
+    assert crash["accepted"] == 8 - len(errors) == len(stored)
+    assert f"ALERT: {len(errors)} crash event(s) refused" in format_status(status)
     daemon.stop()
 
 

@@ -76,7 +76,9 @@ async def test_bad_field_is_named_and_connection_survives(local_daemon: Daemon) 
         "ev-3-coverage",
     ]
     status = await local_daemon.status()
-    assert status["events"]["coverage"]["rejected"] == 1
+    coverage = status["events"]["coverage"]
+    assert coverage["rejected"] == 1 and coverage["refused"] == {"wrong_type": 1}
+    assert coverage["received"] == 3 and coverage["accepted"] == 2  # every event that came in
     await client.aclose()
 
 

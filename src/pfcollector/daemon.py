@@ -485,6 +485,7 @@ class Daemon:
                     "received": stats.received[kind.value],
                     "accepted": stats.accepted[kind.value],
                     "rejected": stats.rejected[kind.value],
+                    "refused": dict(sorted(stats.refused.get(kind.value, {}).items())),
                 }
                 for kind in Kind
             },

@@ -63,7 +63,8 @@ class AckTracker:
         self._open: dict[int, list[int | bool]] = {}
         self.acked = 0
         self.ack_ready = 0
-        self.errors: list[tuple[int, str, str]] = []
+        #: (seq, code, message, kind) of events refused after the reader accepted them.
+        self.errors: list[tuple[int, str, str, str]] = []
         self.changed = trio.Event()
         self.closing = False
 
@@ -93,14 +94,15 @@ class AckTracker:
             self.ack_ready = max(self.ack_ready, seq)
             self.changed.set()
 
-    def settle(self, seq: int, error: tuple[str, str] | None) -> None:
-        """The spool is done with ``seq``: stored (``error`` is None) or refused."""
+    def settle(self, seq: int, error: tuple[str, str] | None, kind: str = "unknown") -> None:
+        """The spool is done with ``seq`` (an event of ``kind``): stored (``error`` is None)
+        or refused with ``error`` = (code, message)."""
         entry = self._open.pop(seq, None)
         if entry is None:
             return
         entry[1] = True
         if error is not None:
-            self.errors.append((seq, *error))
+            self.errors.append((seq, *error, kind))
         while self._order and self._order[0][1]:
             self.ack_ready = max(self.ack_ready, int(self._order.popleft()[0]))
         self.changed.set()
@@ -180,7 +182,7 @@ class GroupCommitter:
                           failure[0], exc)  # fmt: skip
             self.failing = failure[0]
             for item in group:
-                item.tracker.settle(item.seq, failure)
+                item.tracker.settle(item.seq, failure, item.event.kind)
             _release(group)
             return
         if self.failing is not None:
@@ -199,7 +201,8 @@ class GroupCommitter:
                 self.committed += 1
                 item.tracker.settle(item.seq, None)
             else:
-                item.tracker.settle(item.seq, (result, _REFUSALS.get(result, result)))
+                error = (result, _REFUSALS.get(result, result))
+                item.tracker.settle(item.seq, error, item.event.kind)
         _release(group)
         for callback in self._listeners:
             callback()

@@ -233,13 +233,23 @@ def _per_kind(
 def _ingest_families(s: Snapshot) -> Iterator[Metric]:
     events = s.get("events", {})
     for field, doc in (
-        ("received", "Events fuzzers sent, by kind."),
-        ("accepted", "Events the daemon accepted, by kind."),
-        ("rejected", "Events the daemon refused as invalid, by kind."),
+        ("received", "Events that reached the daemon (accepted or refused), by kind."),
+        ("accepted", "Events stored in the spool or merged by coalescing, by kind."),
+        ("rejected", "Events refused by validation (part of events_refused), by kind."),
     ):
         yield _per_kind(
             CounterMetricFamily(f"pfcollector_events_{field}", doc, labels=["kind"]), events, field
         )
+    refused = CounterMetricFamily(
+        "pfcollector_events_refused",
+        "Events refused, by kind and code (validation codes, rate_limited, spool_full, "
+        "disk_full, spool_write_failed). A crash or corpus refusal is a lost result: alert.",
+        labels=["kind", "code"],
+    )
+    for kind, row in sorted(events.items()):
+        for code, n in sorted((row.get("refused") or {}).items()):
+            refused.add_metric([kind, code], n)
+    yield refused
     conns = s.get("connections", {})
     yield GaugeMetricFamily(
         "pfcollector_connections", "Client connections open now.", value=conns.get("current", 0)

@@ -168,7 +168,11 @@ async def read_connection(
                 except MessageError as exc:
                     completed = True
                     server.stats.errors[exc.code] += 1
-                    server.stats.rejected[_kind_of(exc)] += 1
+                    kind = _kind_of(exc)
+                    if kind != "unknown":  # an event whose kind cannot be read: errors only
+                        server.stats.received[kind] += 1
+                        server.stats.rejected[kind] += 1
+                        server.stats.refuse(kind, exc.code)
                     await send(exc.to_message())
                     if exc.seq is not None:
                         tracker.handled(exc.seq)
@@ -187,6 +191,8 @@ async def read_connection(
                         )
                         refilled = now
                         if tokens < 1:
+                            server.stats.received[msg.kind] += 1
+                            server.stats.refuse(msg.kind, "rate_limited")
                             await server._violation(info, send, ErrorMsg("rate_limited", (
                                 f"more than {limits.rate_limit:g} events/s on one connection"
                             ), fatal=True))  # fmt: skip
@@ -194,7 +200,8 @@ async def read_connection(
                         tokens -= 1
                     if server._stopping:  # draining: control only; the client keeps its event
                         server.stats.errors["draining"] += 1
-                        server.stats.rejected[msg.kind] += 1
+                        server.stats.received[msg.kind] += 1
+                        server.stats.refuse(msg.kind, "draining")
                         await send(ErrorMsg("draining", DRAINING_MESSAGE, seq=msg.seq))
                         tracker.handled(msg.seq)
                         continue

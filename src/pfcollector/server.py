@@ -26,7 +26,7 @@ import stat
 import struct
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,13 +137,28 @@ class ConnectionInfo:
 
 @dataclass
 class IngestStats:
-    """Counters since the daemon started."""
+    """Counters since the daemon started.
+
+    ``received`` counts every event that reached the daemon with a readable kind; each ends
+    ``accepted`` (stored, or merged by coalescing) or refused. ``refused`` counts refusals by
+    kind and code (validation codes, ``rate_limited``, and the spool's ``spool_full``,
+    ``disk_full``, ``spool_write_failed``); ``rejected`` is the validation part of them.
+    """
 
     received: Counter[str] = field(default_factory=Counter)
     accepted: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    refused: defaultdict[str, Counter[str]] = field(
+        default_factory=lambda: defaultdict(Counter)
+    )
     errors: Counter[str] = field(default_factory=Counter)
     connections_total: int = 0
+
+    def refuse(self, kind: str, code: str, *, accepted: bool = False) -> None:
+        """Count one event of ``kind`` refused with ``code`` (after it was counted accepted)."""
+        self.refused[kind][code] += 1
+        if accepted:
+            self.accepted[kind] -= 1
 
 
 def bind_unix(path: Path, mode: int) -> trio.socket.SocketType:
@@ -394,8 +409,9 @@ class Server:
             # a later group may settle, and its ack must not overtake its own errors.
             errors, tracker.errors = tracker.errors, []
             ready = tracker.ack_ready
-            for seq, code, message in errors:
+            for seq, code, message, kind in errors:
                 self.stats.errors[code] += 1  # spool_full, disk_full: refused after accept
+                self.stats.refuse(kind, code, accepted=True)
                 field = "id" if code == "id_conflict" else None
                 await send(ErrorMsg(code, message, seq=seq, field=field))
             if ready > tracker.acked:

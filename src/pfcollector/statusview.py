@@ -15,7 +15,18 @@ from typing import Any
 from .bugview import format_bugs
 from .textsafe import printable, printable_tree
 
-__all__ = ["format_bytes", "format_status", "format_watch", "printable", "printable_tree"]
+__all__ = [
+    "ALERT_KINDS",
+    "format_bytes",
+    "format_status",
+    "format_watch",
+    "printable",
+    "printable_tree",
+    "refusal_lines",
+]
+
+#: Kinds whose refusal is an alert: results the master would lose.
+ALERT_KINDS = ("crash", "corpus")
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -35,18 +46,21 @@ def format_status(s: dict[str, Any]) -> str:
         *_drain_lines(s.get("drain")),
         _outbox_line(s.get("outbox")),
         "",
-        f"{'kind':<9}{'received':>10}{'accepted':>10}{'rejected':>10}{'spooled':>10}"
-        f"{'delivered':>11}{'retried':>9}{'dead':>7}{'dropped':>9}{'oldest':>9}",
+        f"{'':<9}{'---- since start ----':^30}{'-------- now --------':^26}"
+        f"{'-- since the spool was created --':^29}",
+        f"{'kind':<9}{'received':>10}{'accepted':>10}{'refused':>10}{'spooled':>10}"
+        f"{'oldest':>9}{'dead':>7}{'delivered':>11}{'retried':>9}{'dropped':>9}",
     ]
     for kind, ev in s["events"].items():
         sp = spool["kinds"].get(kind, {})
         age = sp.get("oldest_age_s")
         lines.append(
-            f"{kind:<9}{ev['received']:>10}{ev['accepted']:>10}{ev['rejected']:>10}"
-            f"{sp.get('spooled', 0):>10}{sp.get('delivered', 0):>11}{sp.get('retried', 0):>9}"
-            f"{sp.get('dead_letters', 0):>7}{sp.get('dropped', 0):>9}"
-            f"{'-' if age is None else f'{age:.0f}s':>9}"
+            f"{kind:<9}{ev['received']:>10}{ev['accepted']:>10}{_refused(ev):>10}"
+            f"{sp.get('spooled', 0):>10}{'-' if age is None else f'{age:.0f}s':>9}"
+            f"{sp.get('dead_letters', 0):>7}{sp.get('delivered', 0):>11}"
+            f"{sp.get('retried', 0):>9}{sp.get('dropped', 0):>9}"
         )
+    lines += refusal_lines(s)
     delivery = s.get("delivery")
     if delivery:
         br, snd = delivery["breaker"], delivery["sender"]
@@ -85,6 +99,36 @@ def _outbox_line(outbox: dict[str, Any] | None) -> str:
         return "outbox: disabled"
     return (f"outbox: {outbox['imported']} imported, {outbox['rejected']} rejected "
             f"({outbox['path']})")  # fmt: skip
+
+
+def _refused(ev: dict[str, Any]) -> int:
+    return sum(ev.get("refused", {}).values()) if "refused" in ev else int(ev.get("rejected", 0))
+
+
+def refusal_lines(s: dict[str, Any]) -> list[str]:
+    """Refusals since start by kind and code, and an alert line per refused crash/corpus kind.
+
+    A refused crash or corpus event is a result the master will not get unless the fuzzer
+    sends it again: the one thing in this view to act on at once.
+    """
+    lines: list[str] = []
+    refused = {k: ev.get("refused") or {} for k, ev in s["events"].items()}
+    for kind in ALERT_KINDS:
+        codes = refused.get(kind, {})
+        if codes:
+            detail = ", ".join(f"{code} {n}" for code, n in sorted(codes.items()))
+            lines.append(
+                f"!! ALERT: {sum(codes.values())} {kind} event(s) refused since start ({detail}): "
+                "lost unless sent again"
+            )
+    detail = "; ".join(
+        f"{kind} " + ", ".join(f"{code} {n}" for code, n in sorted(codes.items()))
+        for kind, codes in refused.items()
+        if codes
+    )
+    if detail:
+        lines.append(f"refused since start: {detail}")
+    return ["", *lines] if lines else []
 
 
 def _when(wall: float | None) -> str:
@@ -157,6 +201,7 @@ def format_watch(
         lines.append(f"last error  {_when(err['wall'])}  {err['text'] or ''}".rstrip())
     else:
         lines.append("breaker -  (local mode: nothing is sent)")
+    lines += refusal_lines(cur)
     if problem:
         lines += ["", f"!! {problem}"]
     return "\n".join(lines)
