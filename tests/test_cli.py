@@ -77,7 +77,10 @@ async def test_status_tune_flush_dead_letters(local_daemon: Daemon) -> None:
         "no dead letters"
     )
     result = await cli("dead-letters", "retry", "--socket", sock)
-    assert result.output.strip() == "requeued 0 event(s)"
+    assert result.output.strip() == "no dead letters: nothing requeued"
+    result = await cli("dead-letters", "retry", "--socket", sock, "--id", "typo")
+    assert result.exit_code == 1
+    assert result.stderr == "error: no dead letter with id 'typo'\n"
 
 
 async def test_status_watch_shows_rates(local_daemon: Daemon) -> None:

@@ -154,9 +154,11 @@ async def test_poison_batch_blocks_nothing_and_retries_on_request(
     letters = await daemon.control("dead_letters", {}, _peer())
     assert [d["id"] for d in letters] == ["e-5"]
     assert letters[0]["status"] == 400
+    assert letters[0]["attempts"] == 1  # refused on its first attempt: counted, not 0
     assert at_master(master) >= {e.id for e in events if e.id} - {"e-5"}
     master.faults.clear()
-    assert (await daemon.control("dead_letters_retry", {}, _peer())) == {"requeued": 1}
+    retry = await daemon.control("dead_letters_retry", {"ids": ["e-5", "typo"]}, _peer())
+    assert retry == {"requeued": 1, "unknown": ["typo"]}
     await eventually(lambda: "e-5" in master.ids("crash"))
     assert await daemon.control("dead_letters", {}, _peer()) == []
 

@@ -79,8 +79,13 @@ async def test_send_each_kind(local_daemon: Daemon, tmp_path: Path) -> None:
             *common,
         )
         assert (code, out.strip()) == (0, "cov-1")
-        code, _, _ = await run("send", "corpus", "--file", "a", "--file", "b", *common)
-        assert code == 0
+        (tmp_path / "a").write_bytes(b"a")
+        (tmp_path / "b").write_bytes(b"b")
+        corpus_files = [str(tmp_path / "a"), str(tmp_path / "b")]
+        code, _, err = await run(
+            "send", "corpus", "--file", corpus_files[0], "--file", corpus_files[1], *common
+        )
+        assert code == 0, err
         for kind in ("stats", "started", "stopped", "error", "timeout"):
             code, _, err = await run("send", kind, *common)
             assert code == 0, err
@@ -97,7 +102,7 @@ async def test_send_each_kind(local_daemon: Daemon, tmp_path: Path) -> None:
     assert Path(crash.fields["file_path"]).read_bytes() == b"\x00crash\xff"
     assert events["cov-1"].timestamp_ns == 1_700_000_000_500_000_000
     assert [e.id for e in events.values()].count("cov-1") == 1
-    assert next(e for e in events.values() if e.kind is Kind.CORPUS).fields["files"] == ["a", "b"]
+    assert next(e for e in events.values() if e.kind is Kind.CORPUS).fields["files"] == corpus_files
     status = await local_daemon.status()
     assert status["events"]["stats"]["accepted"] == 1
 
@@ -130,6 +135,10 @@ def test_missing_input_and_absent_daemon(tmp_path: Path) -> None:
         str(tmp_path / "s"),
     )
     assert code == 2 and err.startswith("error: cannot read --input")
+    code, out, err = invoke(
+        "send", "corpus", "--file", "/nonexistent", "--job", "j", "--socket", str(tmp_path / "s")
+    )
+    assert (code, out, err) == (2, "", "error: --file /nonexistent does not exist\n")
 
 
 @pytest.mark.slow

@@ -462,9 +462,20 @@ def dead_letters_retry(
     socket_path: SocketOpt = None,
     ids: Annotated[list[str] | None, typer.Option("--id", help="Only these (repeatable)")] = None,
 ) -> None:
-    """Put dead letters back in line for delivery (after fixing what the master refused)."""
+    """Put dead letters back in line for delivery (after fixing what the master refused).
+
+    Exit 1 if an --id names no dead letter (the others are requeued all the same).
+    """
     result = _ask(socket_path, "dead_letters_retry", {"ids": ids} if ids else {})
-    typer.echo(f"requeued {result['requeued']} event(s)")
+    unknown = result.get("unknown") or []
+    if result["requeued"] or not unknown:
+        typer.echo(
+            f"requeued {result['requeued']} event(s)" if result["requeued"] else
+            "no dead letters: nothing requeued"
+        )  # fmt: skip
+    if unknown:
+        typer.echo(f"error: no dead letter with id {', '.join(map(repr, unknown))}", err=True)
+        raise typer.Exit(1)
 
 
 @spool_app.command("check")

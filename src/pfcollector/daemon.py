@@ -359,10 +359,12 @@ class Daemon:
             return redact_tree(rows)  # kept before a secret was known to be one, too
         if op == "dead_letters_retry":
             ids = args.get("ids")
-            count = await trio.to_thread.run_sync(self.spool.retry_dead_letters, ids)
+            found: list[str] = []
+            count = await trio.to_thread.run_sync(self.spool.retry_dead_letters, ids, found)
             log.info("pid %d put %d dead letter(s) back in line", peer.pid, count)
             self.pipeline.notify()
-            return {"requeued": count}
+            taken = set(found)
+            return {"requeued": count, "unknown": [i for i in ids or () if i not in taken]}
         if op == "flush":
             return self.flush()
         if op == "tune":

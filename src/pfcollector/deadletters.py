@@ -47,12 +47,16 @@ class DeadLetters:
         keys = ("id", "kind", "job_id", "status", "error", "failed_ns", "attempts")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
-    def retry_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+    def retry_dead_letters(
+        self, ids: Sequence[str] | None = None, found: list[str] | None = None
+    ) -> int:
         """Put dead letters (all, or those named) back in line for delivery. Returns how many.
 
         They get new sequence numbers, so a running pipeline picks them up like new events.
         A dead letter whose id is back in the spool already (sent again by its producer) is
-        not stored twice, and counts in neither the spool's totals nor the result.
+        not stored twice, and counts in neither the spool's totals nor the result. ``found``,
+        if given, gets the id of every dead letter taken (so a caller can name the ids that
+        are none).
         """
         with self._lock:
             db = self._db
@@ -68,6 +72,8 @@ class DeadLetters:
                 delta: Counter[tuple[str, str]] = Counter()
                 requeued = 0
                 for row in rows:
+                    if found is not None:
+                        found.append(row[0])
                     delta[row[1], "dead_lettered"] -= 1
                     cur = db.execute(
                         f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}) "

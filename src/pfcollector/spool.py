@@ -41,6 +41,8 @@ from .events import DURABLE_KINDS, Event, Kind
 
 __all__ = ["COUNTERS", "Spool", "SpoolCorrupt", "Spooled", "check_spool", "open_spool"]
 
+# An event's attempts count its failed rounds so far; a dead letter's count the last one too.
+_DEAD_COLUMNS = _COLUMNS.replace("attempts", "attempts + 1")
 SCHEMA_VERSION = 1
 #: Per-kind counters kept in the database, so they survive restarts.
 COUNTERS = (
@@ -395,7 +397,7 @@ class Spool(DeadLetters):
                     db.executemany(
                         "INSERT OR REPLACE INTO dead_letters "
                         f"({_COLUMNS}, status, error, failed_ns) "
-                        f"SELECT {_COLUMNS}, ?, ?, ? FROM events WHERE id = ?",
+                        f"SELECT {_DEAD_COLUMNS}, ?, ?, ? FROM events WHERE id = ?",
                         [(status, error, now, id_) for id_, status, error in failures],
                     )
                 for start in range(0, len(ids), _CHUNK):

@@ -6,7 +6,8 @@ follows a fuzzer's files. :func:`register_tools` adds both to the main typer app
 
 Error handling:
     A daemon that cannot be reached, or that refuses the event, is one line on stderr and
-    exit code 1; an unreadable ``--input`` file is exit code 2.
+    exit code 1; an unreadable ``--input`` file, or a ``--file`` that does not exist, is exit
+    code 2.
 """
 
 from __future__ import annotations
@@ -130,7 +131,15 @@ def send_corpus(
     ts: Ts = None,
     timeout: Timeout = 10.0,
 ) -> None:
-    """Report new corpus files; waits until the daemon stored the update durably."""
+    """Report new corpus files; waits until the daemon stored the update durably.
+
+    Every --file must exist (exit 2 naming the first that does not).
+    """
+    for name in files:
+        if not Path(name).is_file():
+            why = "is not a file" if Path(name).exists() else "does not exist"
+            typer.echo(f"error: --file {name} {why}", err=True)
+            raise typer.Exit(2)
     fields = {"files": files, "total_size": total_size}
     _run(socket_path, job, fuzzer, "corpus", fields, event_id, ts, timeout)
 
