@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pfcollector import protocol
-from pfcollector.events import FILE_NAME_MAX, SCHEMAS, Kind
+from pfcollector.events import FILE_NAME_MAX, SCHEMAS, SIGNAL_MAX, Kind
 from pfcollector.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -165,6 +165,16 @@ INVALID: list[tuple[dict[str, Any], str, str | None, str]] = [
     (event("stats", cpu_usage=math.inf), "out_of_range", "cpu_usage", "finite"),
     (event("stats", cpu_usage=math.nan), "out_of_range", "cpu_usage", "finite"),
     (event("stats", cpu_usage="1"), "wrong_type", "cpu_usage", "must be a number"),
+    # values that make no sense (issue 12): an empty crash type reached the master once
+    (event("crash", type=""), "out_of_range", "type", "must not be empty"),
+    (event("crash", type="  "), "out_of_range", "type", "must not be empty"),
+    (event("crash", signal=999), "out_of_range", "signal", f"must be 0..{SIGNAL_MAX}, got 999"),
+    (event("crash", signal=-1), "out_of_range", "signal", "got -1"),
+    (event("stats", executions=-5), "out_of_range", "executions", "must be >= 0, got -5"),
+    (event("stats", exec_per_second=-0.5), "out_of_range", "exec_per_second", ">= 0"),
+    (event("stats", coverage_percent=100.5), "out_of_range", "coverage_percent", "0..100"),
+    (event("coverage", edges=-1), "out_of_range", "edges", ">= 0"),
+    (event("corpus", total_size=-1), "out_of_range", "total_size", ">= 0"),
     (event("crash", type="x" * 257), "too_long", "type", "257 characters, limit 256"),
     (event("crash", type=b"SEGV"), "wrong_type", "type", "must be a string, got bin"),
     (event("crash", input="text"), "wrong_type", "input", "binary"),
@@ -469,3 +479,17 @@ def test_arbitrary_bytes_give_messages_or_protocol_errors(chunks: list[bytes], e
 def test_arbitrary_maps_give_messages_or_protocol_errors(objs: list[Any], step: int) -> None:
     data = encode(HELLO) + b"".join(raw_frame(obj) for obj in objs)
     drive(ServerConnection(), [data[i : i + step] for i in range(0, len(data), step)])
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        event("crash", signal=0),
+        event("crash", signal=SIGNAL_MAX),
+        event("crash", exit_code=-1),  # a negative exit code is the Go bot's "killed"
+        event("stats", coverage_percent=100, executions=0),
+        event("coverage", edges=0, new_edges=0),
+    ],
+)
+def test_boundary_values_accepted(obj: dict[str, Any]) -> None:
+    assert feed(connected(), raw_frame(obj)).seq == 1

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import signal as _signal
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,7 @@ __all__ = [
     "INT64_MIN",
     "LIFECYCLE_KINDS",
     "SCHEMAS",
+    "SIGNAL_MAX",
     "STATUS_KINDS",
     "Event",
     "FieldSpec",
@@ -71,6 +74,10 @@ class FieldSpec:
     (in bytes for ``bytes``, characters for ``str``) or a list's item count. Strings marked
     ``truncate`` are cut to ``max_len`` rather than refused (a long stack trace must not cost
     the crash).
+
+    Values that make no sense are refused (``out_of_range``, naming the field): a number
+    outside ``low``..``high`` (counts are ``>= 0``; a float must be finite), a string shorter
+    than ``min_len`` characters once blanks are stripped (a crash ``type`` must say something).
     """
 
     name: str
@@ -80,46 +87,57 @@ class FieldSpec:
     max_len: int | None = None
     truncate: bool = False
     item: _Type = str
+    low: int | float | None = None
+    high: int | float | None = None
+    min_len: int = 0
+
+    def bounds(self) -> tuple[int | float, int | float]:
+        """The range a number must fall in: ``low``..``high``, else int64 (int) or finite."""
+        big: int | float = sys.float_info.max if self.type is float else INT64_MAX
+        small: int | float = -big if self.type is float else INT64_MIN
+        return (small if self.low is None else self.low), (big if self.high is None else self.high)
 
 
 _STR_MAX = 256  # ids, names, crash types
 _TEXT_MAX = 64 * 1024  # output, stack traces, messages: truncated beyond this
 CRASH_INPUT_MAX = 10 * 1024 * 1024  # the master's own crash body limit
+#: Highest signal number a crash may report (0 = none): the platform's SIGRTMAX (64 on Linux).
+SIGNAL_MAX = int(getattr(_signal, "SIGRTMAX", _signal.NSIG - 1))
 _PATH_MAX = 4096
 _FILES_MAX = 1024
 
 SCHEMAS: Mapping[Kind, tuple[FieldSpec, ...]] = {
     Kind.CRASH: (
-        FieldSpec("type", str, required=True, max_len=_STR_MAX),
-        FieldSpec("signal", int, default=0),
+        FieldSpec("type", str, required=True, max_len=_STR_MAX, min_len=1),
+        FieldSpec("signal", int, default=0, low=0, high=SIGNAL_MAX),
         FieldSpec("exit_code", int, default=0),
         FieldSpec("output", str, default="", max_len=_TEXT_MAX, truncate=True),
         FieldSpec("stack_trace", str, default="", max_len=_TEXT_MAX, truncate=True),
         FieldSpec("input", bytes, required=True, max_len=CRASH_INPUT_MAX),
     ),
     Kind.COVERAGE: (
-        FieldSpec("edges", int, required=True),
-        FieldSpec("new_edges", int, default=0),
-        FieldSpec("exec_count", int, default=0),
+        FieldSpec("edges", int, required=True, low=0),
+        FieldSpec("new_edges", int, default=0, low=0),
+        FieldSpec("exec_count", int, default=0, low=0),
     ),
     Kind.CORPUS: (
         FieldSpec("files", list, required=True, max_len=_FILES_MAX),
-        FieldSpec("total_size", int, default=0),
+        FieldSpec("total_size", int, default=0, low=0),
         # Optional: the bytes of each entry of ``files``, stored content-addressed and used to
         # deduplicate the corpus by content hash. Never sent to the master.
         FieldSpec("contents", list, default=None, max_len=_FILES_MAX, item=bytes),
     ),
     Kind.STATS: (
-        FieldSpec("executions", int, default=0),
-        FieldSpec("exec_per_second", float, default=0.0),
-        FieldSpec("total_edges", int, default=0),
-        FieldSpec("covered_edges", int, default=0),
-        FieldSpec("coverage_percent", float, default=0.0),
-        FieldSpec("unique_crashes", int, default=0),
-        FieldSpec("total_crashes", int, default=0),
-        FieldSpec("corpus_size", int, default=0),
-        FieldSpec("cpu_usage", float, default=0.0),
-        FieldSpec("memory_usage", int, default=0),
+        FieldSpec("executions", int, default=0, low=0),
+        FieldSpec("exec_per_second", float, default=0.0, low=0),
+        FieldSpec("total_edges", int, default=0, low=0),
+        FieldSpec("covered_edges", int, default=0, low=0),
+        FieldSpec("coverage_percent", float, default=0.0, low=0, high=100),
+        FieldSpec("unique_crashes", int, default=0, low=0),
+        FieldSpec("total_crashes", int, default=0, low=0),
+        FieldSpec("corpus_size", int, default=0, low=0),
+        FieldSpec("cpu_usage", float, default=0.0, low=0),
+        FieldSpec("memory_usage", int, default=0, low=0),
     ),
     **{
         kind: (FieldSpec("message", str, default="", max_len=_TEXT_MAX, truncate=True),)

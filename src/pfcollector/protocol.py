@@ -69,11 +69,12 @@ _KINDS: dict[str, Kind] = {kind.value: kind for kind in Kind}
 _CORPUS = Kind.CORPUS  # a module constant: reading an enum member off its class is slow
 _SPECS: dict[Kind, tuple[FieldSpec, ...]] = dict(SCHEMAS)
 _NAMES = {kind: tuple(spec.name for spec in specs) for kind, specs in SCHEMAS.items()}
-# (name, type checked inline or None, required, default, spec) per kind, for the hot loop
+# (name, type checked inline or None, required, default, spec, low, high) per kind, for the
+# hot loop: a number of the right type within low..high (which also refuses nan and inf) passes.
 _FIELDS = {
     kind: tuple(
         (spec.name, spec.type if spec.type in (int, float) else None, spec.required,
-         spec.default, spec)
+         spec.default, spec, *spec.bounds())
         for spec in specs
     )
     for kind, specs in SCHEMAS.items()
@@ -82,7 +83,7 @@ _FIELDS = {
 # producer sends the same few shapes over and over. A valid shape maps to the checks of the
 # fields present and the defaults of those absent. Any event that does not pass them goes
 # through the schema-order loop, which names the first error exactly as it always did.
-_Shape: TypeAlias = tuple[tuple[tuple[str, Any, FieldSpec], ...], dict[str, Any]]
+_Shape: TypeAlias = tuple[tuple[tuple[str, Any, FieldSpec, Any, Any], ...], dict[str, Any]]
 _SHAPES: dict[tuple[Kind, tuple[str, ...]], _Shape] = {}
 _SHAPES_MAX = 4096  # orderings of the schema's names are many: past this they are not remembered
 _TS_LIMIT = INT64_MAX / 1e9
@@ -328,6 +329,17 @@ class _Checker:
             if key not in allowed:
                 raise self.fail("unknown_field", str(key), "is not part of this message")
 
+    def _in_bounds(self, spec: FieldSpec, value: float) -> Any:
+        if spec.low is not None and value < spec.low:
+            if spec.high is not None:
+                raise self.fail("out_of_range", spec.name,
+                                f"must be {spec.low}..{spec.high}, got {value}")  # fmt: skip
+            raise self.fail("out_of_range", spec.name, f"must be >= {spec.low}, got {value}")
+        if spec.high is not None and value > spec.high:
+            raise self.fail("out_of_range", spec.name,
+                            f"must be {spec.low}..{spec.high}, got {value}")  # fmt: skip
+        return value
+
     def field(self, spec: FieldSpec, value: Any) -> Any:
         """``value`` checked (and possibly truncated or widened) against ``spec``."""
         want, vtype, name, limit = spec.type, type(value), spec.name, spec.max_len
@@ -335,12 +347,14 @@ class _Checker:
             if want is int:
                 if not INT64_MIN <= value <= INT64_MAX:
                     raise self.fail("out_of_range", name, f"must fit in int64, got {value}")
-                return value
+                return self._in_bounds(spec, value)
             if want is float:
                 value = float(value)
                 if not math.isfinite(value):
                     raise self.fail("out_of_range", name, f"must be finite, got {value}")
-                return value
+                return self._in_bounds(spec, value)
+            if spec.min_len and len(value.strip() if want is str else value) < spec.min_len:
+                raise self.fail("out_of_range", name, "must not be empty")
             if limit is not None and len(value) > limit:
                 if spec.truncate:
                     return value[:limit]
@@ -367,7 +381,7 @@ def _learn_shape(kind: Kind, obj: dict[Any, Any]) -> _Shape | None:
     known = {f[0]: f for f in fields}
     if not all(key in known for key in obj) or not all(f[0] in obj for f in fields if f[2]):
         return None
-    checks = tuple((key, known[key][1], known[key][4]) for key in obj)
+    checks = tuple((key, known[key][1], known[key][4], *known[key][5:7]) for key in obj)
     shape = checks, {f[0]: f[3] for f in fields if f[0] not in obj}
     if len(_SHAPES) < _SHAPES_MAX:
         _SHAPES[kind, tuple(obj)] = shape
@@ -419,11 +433,9 @@ def _parse_event(obj: dict[Any, Any], last_seq: int) -> EventMsg:
     checked = False
     if shape is not None:  # every key known, every required one there: check the values only
         fixed = None
-        for name, fast, spec in shape[0]:
+        for name, fast, spec, low, high in shape[0]:
             value = obj[name]
-            if type(value) is not fast or not (
-                INT64_MIN <= value <= INT64_MAX if fast is int else value - value == 0.0
-            ):
+            if type(value) is not fast or not low <= value <= high:
                 try:
                     new = _Checker("event", seq, kind_name).field(spec, value)
                 except MessageError:
@@ -438,15 +450,13 @@ def _parse_event(obj: dict[Any, Any], last_seq: int) -> EventMsg:
             checked = True
     if not checked:
         check = _Checker("event", seq, kind_name)
-        for name, fast, required, default, spec in _FIELDS[kind]:
+        for name, fast, required, default, spec, low, high in _FIELDS[kind]:
             value = obj.get(name, _MISSING)
             if value is _MISSING:
                 if required:
                     raise check.fail("missing_field", name, "is required")
                 obj[name] = default
-            elif type(value) is not fast or not (
-                INT64_MIN <= value <= INT64_MAX if fast is int else value - value == 0.0  # finite
-            ):
+            elif type(value) is not fast or not low <= value <= high:
                 obj[name] = check.field(spec, value)
         if len(obj) != len(_FIELDS[kind]):
             check.no_extra(obj, _NAMES[kind])
