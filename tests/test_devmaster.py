@@ -629,3 +629,30 @@ def test_cli_dev_master_refuses_a_bad_cost(bad: str) -> None:
     assert "--cost-per-item" in result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_request_log_one_line_per_request() -> None:
+    lines: list[str] = []
+    with DevMaster(request_log=lines.append) as m, httpx.Client(base_url=m.url) as c:
+        assert c.post(BATCH, json=batch(crashes=[crash()], coverage=[coverage()])).is_success
+        assert c.post(CRASH, json=crash("c2")).status_code == 200
+        assert c.post("/_dev/fail_next", json={"n": 1}).status_code == 200
+        assert c.post(STATUS, json={"type": "fuzzer_stats"}).status_code == 503
+        assert c.get("/_dev/stats").status_code == 200
+        with socket.create_connection(("127.0.0.1", m.port), timeout=5) as raw_sock:
+            raw_sock.sendall(b"GET /nope\x1b[2J HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert b" 404 " in raw_sock.recv(4096).split(b"\r\n")[0] + b" "
+    assert lines == [
+        f"POST {BATCH} 200 items=2",
+        f"POST {CRASH} 200 items=1",
+        "POST /_dev/fail_next 200",
+        f"POST {STATUS} 503",
+        "GET /_dev/stats 200",
+        "GET /nope\\x1b[2J 404",  # a terminal escape from the network, shown escaped
+    ]
+
+
+def test_quiet_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with DevMaster() as m, httpx.Client(base_url=m.url) as c:
+        c.get("/health")
+    assert capsys.readouterr() == ("", "")

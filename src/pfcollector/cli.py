@@ -11,6 +11,7 @@ would run with. Precedence: flag > ``PFCOLLECTOR_<KEY>`` > TOML file > default
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -24,6 +25,7 @@ from typing import Annotated, Any
 
 import trio
 import typer
+import typer.main
 
 from . import __version__
 from .bugview import register_bugs
@@ -286,8 +288,10 @@ async def _run_daemon(config: Config, reload: Callable[[], Config]) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
-        return exc.strerror  # AddressInUse(errno, message): the message without "[Errno 98]"
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename is None:  # AddressInUse(errno, message): the message without "[Errno 98]"
+            return exc.strerror
+        return f"{exc.filename}: {exc.strerror}"
     return str(exc) or type(exc).__name__
 
 
@@ -406,10 +410,23 @@ def _watch(
 @app.command()
 def tune(
     socket_path: SocketOpt = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    flush_interval: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Events per batch, 1..10000 (setting batch_size)", show_default=False),
+    ] = None,
+    flush_interval: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a batch may wait, 0.1..3600 (the setting flush_interval)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Change the batch size or flush interval of the running daemon."""
+    """Change the batch size or flush interval of the running daemon.
+
+    Lasts until the daemon restarts or re-reads its settings (SIGHUP). Prints the batching in
+    force afterwards.
+    """
     args = {
         k: v
         for k, v in (("batch_size", batch_size), ("flush_interval", flush_interval))
@@ -440,8 +457,8 @@ def flush(socket_path: SocketOpt = None) -> None:
 @dead_letters_app.command("list")
 def dead_letters_list(
     socket_path: SocketOpt = None,
-    limit: Annotated[int, typer.Option()] = 50,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most N, newest first")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Show the dead letters with the master's answer."""
     rows = _ask(socket_path, "dead_letters", {"limit": limit})
@@ -500,6 +517,8 @@ def spool_check(
     report = check_spool(resolved / "spool.db")
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
+    elif not report["ok"] and not report["exists"]:
+        typer.echo(f"error: spool {report['path']}: {report['integrity']}", err=True)
     else:
         typer.echo(f"spool {report['path']}: {report['integrity']}")
         if report["exists"] and "kinds" in report:
@@ -516,8 +535,8 @@ def spool_check(
 
 @app.command("dev-master")
 def dev_master(
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8080,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one)")] = 8080,
     db: Annotated[str | None, typer.Option(help="SQLite file (default: in memory)")] = None,
     accept_compression: Annotated[
         bool,
@@ -535,14 +554,34 @@ def dev_master(
             "master as slow as the PandaFuzz master (23 ms per batch of 100 crashes)",
         ),
     ] = 0.0,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No line per request on stdout")
+    ] = False,
 ) -> None:
-    """Run the reference PandaFuzz master (for trying pfcollector and for tests)."""
+    """Run the reference PandaFuzz master (for trying pfcollector and for tests).
+
+    Prints one line per request (time, method, path, status, items). What it stored:
+    GET /_dev/stats (counts per kind) and GET /_dev/rows?kind=crash|coverage|corpus|status.
+    Faults: POST /_dev/fail_next {"n": 2, "status": 503}, /_dev/down_for {"seconds": 5},
+    /_dev/slow, /_dev/reject_ids, /_dev/partial_fail_ids, /_dev/reset_next, /_dev/clear
+    (docs/operations.md#the-reference-master).
+    """
+    import sqlite3
+
     from .devmaster import serve as serve_master
 
     try:
         serve_master(
-            host, port, db, accept_compression=accept_compression, cost_per_item=cost_per_item
+            host,
+            port,
+            db,
+            accept_compression=accept_compression,
+            cost_per_item=cost_per_item,
+            quiet=quiet,
         )
+    except sqlite3.Error as exc:
+        typer.echo(f"error: cannot open --db {db}: {exc}", err=True)
+        raise typer.Exit(1) from None
     except OSError as exc:
         typer.echo(f"error: cannot serve on {host}:{port}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None
@@ -554,6 +593,88 @@ def version() -> None:
     typer.echo(f"pfcollector {__version__}")
 
 
+# -- the boundary: every user mistake is one line on stderr, never a traceback -------------
+
+
+def _version_flag(value: bool) -> None:
+    if value:
+        typer.echo(f"pfcollector {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit", is_eager=True, callback=_version_flag
+        ),
+    ] = False,
+) -> None:
+    """Local result collector for PandaFuzz fuzzing bots."""
+
+
+def command() -> Any:
+    """The click command behind :data:`app`, with its help tidied: no ``<bool>`` label on a
+    flag, and brackets in help texts shown as written (rich would read ``[default: x]`` as
+    markup and drop it)."""
+    root = typer.main.get_command(app)
+    _tidy(root, set())
+    return root
+
+
+def _tidy(cmd: Any, seen: set[int]) -> None:
+    if id(cmd) in seen:
+        return
+    seen.add(id(cmd))
+    params = list(getattr(cmd, "params", ()))
+    with contextlib.suppress(Exception):  # --help itself (made per command, then cached)
+        params.append(cmd.get_help_option(cmd.context_class(cmd, info_name=cmd.name)))
+    for param in params:
+        if param is None:
+            continue
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""  # a flag takes no value: no type to show
+        if getattr(param, "help", None):
+            param.help = param.help.replace("[", "\\[")
+    for sub in getattr(cmd, "commands", {}).values():
+        _tidy(sub, seen)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``) and return the exit code.
+
+    A usage mistake (unknown option, a value of the wrong type, a missing argument) is one
+    line, ``error: ... (see 'pfcollector CMD --help')``, exit 2; a file or directory problem
+    that reaches this far is one line, exit 1. Only a bug shows a traceback.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    root = command()
+    try:
+        result = root.main(args=args, prog_name="pfcollector", standalone_mode=False)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        return 1
+    except Exception as exc:
+        code = getattr(exc, "exit_code", None)
+        if not isinstance(code, int) or not hasattr(exc, "format_message"):
+            if type(exc).__name__ == "Abort":
+                typer.echo("error: aborted", err=True)
+                return 1
+            raise  # not a usage error: a bug, shown as one
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `pfcollector` alone: the help
+            text = exc.format_message()  # rich help was printed already: this is then empty
+            if text.strip():
+                typer.echo(text, err=True)
+            return code
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+        return code
+    return result if isinstance(result, int) else 0
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    sys.exit(run())

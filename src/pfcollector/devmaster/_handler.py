@@ -83,6 +83,8 @@ class App:
     #: Decode ``Content-Encoding: gzip`` (and ``zstd`` with the zstandard package) bodies
     #: instead of answering 400 as the PandaFuzz master does. Off by default.
     accept_compression: bool = False
+    #: Called with one line per request (``pfcollector dev-master`` prints them); None: quiet.
+    request_log: Callable[[str], None] | None = None
     _seen: int = 0
     _max_body: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -122,6 +124,9 @@ class Handler(BaseHandler):
     @property
     def _app(self) -> App:
         return cast(HasApp, self.server).app
+
+    def request_log(self) -> Callable[[str], None] | None:
+        return self._app.request_log
 
     def do_GET(self) -> None:
         """Answer ``/health`` and the ``/_dev/`` read endpoints."""
@@ -261,6 +266,7 @@ class Handler(BaseHandler):
 
     def _item(self, kind: str, body: bytes) -> None:
         noun = _NOUNS[kind]
+        self.items = 1
         item = self._decode(body, f"Invalid {noun}", ITEM_FIELDS[kind], False, _GO_NAMES[kind])
         self._check_rejected([item["id"]])
         if not item["job_id"] or not item["bot_id"]:
@@ -278,6 +284,7 @@ class Handler(BaseHandler):
         self.send_json(200, answer)
 
     def _status(self, body: bytes) -> None:
+        self.items = 1
         try:
             value = parse_json(body)
         except DecodeError as exc:
@@ -306,6 +313,7 @@ class Handler(BaseHandler):
             except DecodeError as exc:
                 self.send_error_json(400, "Invalid request body", str(exc))
                 return
+        self.items = sum(len(items) for items in lists.values())
         self._check_rejected([i["id"] for items in lists.values() for i in items])
         if not req["bot_id"] or not req["job_id"]:
             self.send_error_json(400, "Bot ID and Job ID are required")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -40,8 +40,25 @@ class BaseHandler(BaseHTTPRequestHandler):
     sys_version = ""
     disable_nagle_algorithm = True
 
+    #: Items the request carried (results in a batch, 1 for an item or status), once known.
+    items: int | None = None
+
     def log_message(self, format: str, *args: Any) -> None:
-        """Silence the per-request stderr log."""
+        """Silence http.server's own stderr log (:meth:`note` writes ours)."""
+
+    def request_log(self) -> Callable[[str], None] | None:
+        """Where :meth:`note` writes one line per request (None: nowhere). Overridden."""
+        return None
+
+    def note(self, status: int | str) -> None:
+        """Log ``METHOD PATH STATUS [items=N]`` for the request just answered."""
+        log = self.request_log()
+        if log is None:
+            return
+        path = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in self.path[:200])
+        items = "" if self.items is None else f" items={self.items}"
+        log(f"{self.command} {path} {status}{items}")
+        self.items = None
 
     def handle(self) -> None:
         """Serve the connection, quietly ending when the peer or a fault drops it."""
@@ -74,6 +91,7 @@ class BaseHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        self.note(status)
 
     def send_error_json(
         self, status: int, message: str, details: str | None = None, **headers: str
@@ -144,3 +162,4 @@ class BaseHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.connection.close()
+        self.note("reset")

@@ -13,7 +13,8 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -80,6 +81,8 @@ class DevMaster:
             with 400 as the PandaFuzz master does.
         cost_per_item: Seconds each stored result item costs, writes serialised (see
             :class:`Store`); 0.00023 costs what the PandaFuzz master costs per crash in a batch.
+        request_log: Called (from handler threads) with one line per request answered:
+            ``METHOD PATH STATUS [items=N]``. None (the default) logs nothing.
 
     Attributes:
         faults: The fault injection controls.
@@ -100,11 +103,13 @@ class DevMaster:
         *,
         accept_compression: bool = False,
         cost_per_item: float = 0.0,
+        request_log: Callable[[str], None] | None = None,
     ) -> None:
         if not cost_per_item >= 0.0:
             raise ValueError(f"cost_per_item must be >= 0 seconds, got {cost_per_item!r}")
         self.cost_per_item = cost_per_item
         self.host = host
+        self.request_log = request_log
         self.accept_compression = accept_compression
         self.port = port
         self._db_path = db_path
@@ -132,6 +137,7 @@ class DevMaster:
                 faults=self.faults,
                 control=self,
                 accept_compression=self.accept_compression,
+                request_log=self.request_log,
             )
             try:
                 self._app, self._store = app, store
@@ -256,6 +262,7 @@ def serve(
     *,
     accept_compression: bool = False,
     cost_per_item: float = 0.0,
+    quiet: bool = False,
 ) -> None:
     """Run a :class:`DevMaster` until Ctrl-C or SIGTERM, printing its URL first.
 
@@ -265,6 +272,7 @@ def serve(
         db_path: SQLite file, or None for an in-memory database.
         accept_compression: Decode compressed request bodies (see :class:`DevMaster`).
         cost_per_item: Seconds each stored result item costs (see :class:`DevMaster`).
+        quiet: Do not print a line per request (``time METHOD PATH STATUS [items=N]``).
 
     Error handling:
         Raises ``OSError`` when the port cannot be bound.
@@ -274,13 +282,30 @@ def serve(
     def on_term(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    print_lock = threading.Lock()
+
+    def log(line: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        with print_lock:
+            print(f"{stamp} {line}", flush=True)
+
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         with DevMaster(
-            host, port, db_path, accept_compression=accept_compression, cost_per_item=cost_per_item
+            host,
+            port,
+            db_path,
+            accept_compression=accept_compression,
+            cost_per_item=cost_per_item,
+            request_log=None if quiet else log,
         ) as master:
             print(
                 f"pfcollector dev-master listening on {master.url} (db: {db_path or ':memory:'})",
+                flush=True,
+            )
+            print(
+                f"  what it received: curl {master.url}/_dev/stats, "
+                f"curl '{master.url}/_dev/rows?kind=crash'",
                 flush=True,
             )
             try:
@@ -316,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds each stored result costs, writes serialised "
         "(0.00023 = the PandaFuzz master's cost per crash in a batch; default 0)",
     )
+    parser.add_argument("--quiet", action="store_true", help="no line per request")
     args = parser.parse_args(argv)
     try:
         serve(
@@ -324,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.db,
             accept_compression=args.accept_compression,
             cost_per_item=args.cost_per_item,
+            quiet=args.quiet,
         )
     except OSError as exc:
         print(f"dev-master: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
