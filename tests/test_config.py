@@ -123,6 +123,17 @@ def test_check_file_lists_every_problem(tmp_path: Path) -> None:
     file = write(tmp_path / "c.toml", 'batch_sise = 3\nflush_interval = "x"\nsenders = 2\n')
     assert [e.key for e in check_file(file)] == ["batch_sise", "flush_interval"]
     assert check_file(write(tmp_path / "ok.toml", "senders = 2\n")) == []
+    # values out of range are listed together with the rest, each naming the file
+    file = write(tmp_path / "r.toml", 'batch_size = 0\nflush_interval = -1\nbogus = 1\n'
+                 'log_level = "loud"\nsenders = "four"\n')  # fmt: skip
+    errors = check_file(file)
+    assert sorted(e.key for e in errors) == [
+        "batch_size", "bogus", "flush_interval", "log_level", "senders"
+    ]  # fmt: skip
+    assert all(str(file) in str(e) for e in errors)
+    # a rule between keys, once every value is right on its own
+    errors = check_file(write(tmp_path / "m.toml", 'master_url = "http://m:8080"\n'))
+    assert [e.key for e in errors] == ["bot_id"] and str(tmp_path / "m.toml") in str(errors[0])
 
 
 def test_runtime_changes() -> None:

@@ -435,13 +435,20 @@ def read_file(path: Path) -> dict[str, Any]:
 
 
 def check_file(path: Path) -> list[ConfigError]:
-    """Every problem of a configuration file on its own (defaults for what it leaves out)."""
+    """Every problem of a configuration file at once, each naming the file: unknown keys and
+    wrong types, each value against its range (defaults for the rest), then the whole."""
     values, errors = _read_file(path)
+    for key, value in values.items():
+        try:
+            Config(**{key: value})
+        except ConfigError as exc:  # a rule about another key needs the whole: checked below
+            if exc.key == key:
+                errors.append(ConfigError(key, f"{str(exc).partition(': ')[2]} (in {path})"))
     if not errors:
         try:
             Config(**values)
         except ConfigError as exc:
-            errors.append(exc)
+            errors.append(ConfigError(exc.key, f"{str(exc).partition(': ')[2]} (in {path})"))
     return errors
 
 
