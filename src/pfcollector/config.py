@@ -438,17 +438,13 @@ def check_file(path: Path) -> list[ConfigError]:
     """Every problem of a configuration file at once, each naming the file: unknown keys and
     wrong types, each value against its range (defaults for the rest), then the whole."""
     values, errors = _read_file(path)
-    for key, value in values.items():
+    for key, attempt in [*((k, {k: v}) for k, v in values.items()), ("", values)]:
         try:
-            Config(**{key: value})
-        except ConfigError as exc:  # a rule about another key needs the whole: checked below
-            if exc.key == key:
-                errors.append(ConfigError(key, f"{str(exc).partition(': ')[2]} (in {path})"))
-    if not errors:
-        try:
-            Config(**values)
-        except ConfigError as exc:
-            errors.append(ConfigError(exc.key, f"{str(exc).partition(': ')[2]} (in {path})"))
+            if key or not errors:  # the whole only once each value is right on its own
+                Config(**attempt)
+        except ConfigError as exc:  # a rule about another key is left to the whole
+            if exc.key == key or not key:
+                errors.append(ConfigError(exc.key, f"{str(exc).partition(': ')[2]} (in {path})"))
     return errors
 
 
