@@ -161,3 +161,25 @@ async def test_serve_on_a_taken_socket_is_one_line_and_exit_1(
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == [f"error: another pfcollector daemon is already listening on {sock}"]
     assert "Traceback" not in err
+
+
+async def test_watch_keeps_its_state_in_the_daemons_data_dir(
+    local_daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The user's default data directory is elsewhere: the daemon's answer must win.
+    monkeypatch.setenv("PFCOLLECTOR_DATA_DIR", str(tmp_path / "elsewhere"))
+    sock = str(local_daemon.config.socket_path)
+    out = tmp_path / "afl-out"
+    (out / "default" / "queue").mkdir(parents=True)
+    result = await cli("watch", "afl", str(out), "--job", "j", "--once", "--socket", sock)
+    assert result.exit_code == 0, result.output
+    assert len(list((local_daemon.config.data_dir / "watch").glob("afl-*.json"))) == 1
+    assert not (tmp_path / "elsewhere").exists()
+    # --data-dir is taken as given
+    mine = tmp_path / "mine"
+    result = await cli(
+        "watch", "afl", str(out), "--job", "j", "--once", "--socket", sock,
+        "--data-dir", str(mine),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(list((mine / "watch").glob("afl-*.json"))) == 1

@@ -27,7 +27,11 @@ SocketOpt = Annotated[
 ]
 StateOpt = Annotated[
     Path | None,
-    typer.Option("--state", help="State file (default: <data dir>/watch/<kind>-<digest>.json)"),
+    typer.Option(
+        "--state",
+        help="State file [default: <data dir>/watch/<kind>-<digest>.json]",
+        show_default=False,
+    ),
 ]
 IntervalOpt = Annotated[float, typer.Option("--interval", min=0.0, help="Seconds between scans")]
 SettleOpt = Annotated[
@@ -37,9 +41,48 @@ OnceOpt = Annotated[bool, typer.Option("--once", help="Scan once and exit (1 if 
 LogLevelOpt = Annotated[str, typer.Option("--log-level")]
 
 
-def _state(path: Path | None, kind: str, watched: Path, job: str) -> StateFile:
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="The daemon's data directory, for the state file [default: asked of the daemon, "
+        "else as pfcollector serve: $PFCOLLECTOR_DATA_DIR, settings file, "
+        "$XDG_DATA_HOME/pfcollector]",
+        show_default=False,
+    ),
+]
+
+
+def data_dir_of(flag: Path | None, socket_path: Path | None) -> Path:
+    """Where the daemon keeps its data: ``--data-dir``, else the running daemon's answer, else
+    what ``pfcollector serve`` would use (environment, settings file, default)."""
+    from ..config import ConfigError, default_data_dir, load
+    from ..control import DaemonUnreachable, request
+
+    if flag is not None:
+        return flag
     try:
-        return StateFile(path or default_state_path(kind, watched, job), watched)
+        return Path(request(socket_path, "status", timeout=2.0)["config"]["data_dir"])
+    except (DaemonUnreachable, RuntimeError, KeyError, TypeError):
+        pass
+    try:
+        return load({}).config.data_dir
+    except ConfigError:
+        return default_data_dir()
+
+
+def _state(
+    path: Path | None,
+    kind: str,
+    watched: Path,
+    job: str,
+    data_dir: Path | None = None,
+    socket_path: Path | None = None,
+) -> StateFile:
+    try:
+        if path is None:
+            path = default_state_path(kind, watched, job, data_dir_of(data_dir, socket_path))
+        return StateFile(path, watched)
     except StateError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -67,6 +110,7 @@ def watch_afl(
     settle: SettleOpt = 1.0,
     once: OnceOpt = False,
     log_level: LogLevelOpt = "info",
+    data_dir: DataDirOpt = None,
     reproduce: Annotated[
         bool, typer.Option("--reproduce", help="Re-run the target on each crash for its report")
     ] = False,
@@ -88,7 +132,7 @@ def watch_afl(
             typer.echo(f"error: --reproduce: {exc}", err=True)
             raise typer.Exit(2) from None
     sink = Sink(socket_path, job)
-    st = _state(state, "afl", output_dir, job)
+    st = _state(state, "afl", output_dir, job, data_dir, socket_path)
     watcher = AflWatcher(output_dir, sink, st, settle, reproducer=reproducer)
     if not run_loop(watcher.scan, sink, interval, once=once):
         raise typer.Exit(1)
@@ -106,6 +150,7 @@ def watch_libfuzzer(
     settle: SettleOpt = 1.0,
     once: OnceOpt = False,
     log_level: LogLevelOpt = "info",
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Turn libFuzzer artifacts into crashes and its log's status lines into stats/coverage."""
     _watched_dir(artifact_dir, "libFuzzer artifact directory")
@@ -114,7 +159,7 @@ def watch_libfuzzer(
         raise typer.Exit(2)
     _logging(log_level)
     sink = Sink(socket_path, job)
-    st = _state(state, "libfuzzer", artifact_dir, job)
+    st = _state(state, "libfuzzer", artifact_dir, job, data_dir, socket_path)
     watcher = LibFuzzerWatcher(artifact_dir, sink, st, log, fuzzer=fuzzer, settle=settle)
     if not run_loop(watcher.scan, sink, interval, once=once):
         raise typer.Exit(1)

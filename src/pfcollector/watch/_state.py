@@ -32,12 +32,18 @@ class StateError(Exception):
     """The state file exists but cannot be used; the message names the file and why."""
 
 
-def default_state_path(watcher: str, watched: Path, job_id: str) -> Path:
-    """``<data dir>/watch/<watcher>-<digest>.json``, one file per (watched directory, job)."""
+def default_state_path(
+    watcher: str, watched: Path, job_id: str, data_dir: Path | None = None
+) -> Path:
+    """``<data dir>/watch/<watcher>-<digest>.json``, one file per (watched directory, job).
+
+    ``data_dir`` is the daemon's data directory (default: the default data directory).
+    """
     from ..config import default_data_dir
 
     key = f"{watcher}\0{watched.resolve()}\0{job_id}".encode()
-    return default_data_dir() / "watch" / f"{watcher}-{hashlib.sha256(key).hexdigest()[:16]}.json"
+    name = f"{watcher}-{hashlib.sha256(key).hexdigest()[:16]}.json"
+    return (data_dir or default_data_dir()) / "watch" / name
 
 
 class StateFile:
