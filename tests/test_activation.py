@@ -141,7 +141,9 @@ def test_socket_activated_daemon(
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=15)
         assert proc.returncode == 0, stderr
-        assert "passed by systemd (socket activation)" in stderr
+        # the start-up line names the inherited socket, not the --socket it ignored
+        assert f"listening on {path}, passed by systemd (socket activation)" in stderr
+        assert "unused.sock" not in stderr
         assert "SIGHUP: settings reloaded" in stderr
         assert path.exists()  # systemd's socket file: not ours to remove
     finally:

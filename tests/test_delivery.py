@@ -6,6 +6,7 @@ wait is bounded (``eventually``), and retry/breaker timings are shortened by con
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -263,8 +264,9 @@ def _peer() -> Any:
 
 
 async def test_register_then_deliver_under_the_masters_bot_id(
-    make_config: Callable[..., Config], master: DevMaster
+    make_config: Callable[..., Config], master: DevMaster, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     config = make_config(master_url=master.url, register=True, **FAST)
     events = mix(20)
     async with trio.open_nursery() as nursery:
@@ -277,6 +279,8 @@ async def test_register_then_deliver_under_the_masters_bot_id(
         daemon.stop()
     crash = next(r for r in master.rows("crash") if r["id"] == "e-5")
     assert crash["bot_id"] == bot["id"]
+    registered = [r for r in caplog.records if "registered with" in r.getMessage()]
+    assert len(registered) == 1 and master.url in registered[0].getMessage()  # logged once
     async with trio.open_nursery() as nursery:  # a restart keeps the bot id it was given
         daemon = await start_daemon(nursery, config)
         await eventually(lambda: daemon.sender is not None)

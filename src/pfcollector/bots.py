@@ -70,9 +70,7 @@ async def register(
                     wall_now=time.time(),
                 )
                 raise TransientError(f"HTTP {status}", hint)
-            bot_id = parse_register(status, response.content)
-            log.info("registered with the master as bot %s", bot_id)
-            return bot_id
+            return parse_register(status, response.content)  # the caller logs it, once
     raise AssertionError("unreachable: tenacity either returns or raises")
 
 

@@ -167,9 +167,10 @@ class Daemon:
                     if outbox_send is not None:  # outbox files -> channel, until stop()
                         front.start_soon(self.outbox.run, outbox_send)
                     log.info(
-                        "pfcollector %s listening on %s (%s mode, spool %s)",
+                        "pfcollector %s listening on %s%s (%s mode, spool %s)",
                         __version__,
-                        config.socket_path,
+                        self.server.socket_path,
+                        ", passed by systemd (socket activation)" if self.server.activated else "",
                         "local" if config.local_mode else f"master {config.master_url}",
                         config.spool_path,
                     )

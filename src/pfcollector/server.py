@@ -240,6 +240,8 @@ class Server:
         self._coalescer_full = trio.Event()
         self._coalesced = Reservation(self.budget)  # what the coalescer holds
         self._taken: list[Pending] = []  # taken from the coalescer, not yet on the channel
+        #: Listening on a socket systemd passed (socket activation), not one we bound.
+        self.activated = False
         self._no_acks = AckTracker()
         #: Sent in every welcome: where clients write what the daemon cannot ack (outbox.py).
         self.outbox: str | None = None
@@ -257,7 +259,7 @@ class Server:
             # (_inode stays None, so _remove_socket_file leaves it).
             sock = trio.socket.from_stdlib_socket(inherited)
             self.socket_path = Path(inherited.getsockname())
-            log.info("listening on %s, passed by systemd (socket activation)", self.socket_path)
+            self.activated = True  # the daemon's start-up line names it
         else:
             sock = bind_unix(self.socket_path, self.socket_mode)
             if self.socket_group is not None:
