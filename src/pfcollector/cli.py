@@ -564,7 +564,7 @@ def dev_master(
     GET /_dev/stats (counts per kind) and GET /_dev/rows?kind=crash|coverage|corpus|status.
     Faults: POST /_dev/fail_next {"n": 2, "status": 503}, /_dev/down_for {"seconds": 5},
     /_dev/slow, /_dev/reject_ids, /_dev/partial_fail_ids, /_dev/reset_next, /_dev/clear
-    (docs/operations.md#the-reference-master).
+    (docs/operations.md, "The reference master").
     """
     import sqlite3
 
