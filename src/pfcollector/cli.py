@@ -25,6 +25,7 @@ from typing import Annotated, Any
 
 import trio
 import typer
+import typer.core
 import typer.main
 
 from . import __version__
@@ -417,7 +418,7 @@ def tune(
     flush_interval: Annotated[
         float | None,
         typer.Option(
-            help="Seconds a batch may wait, 0.1..3600 (the setting flush_interval)",
+            help="Seconds a batch may wait, 0.1..3600 (setting flush_interval)",
             show_default=False,
         ),
     ] = None,
@@ -619,11 +620,14 @@ def command() -> Any:
     flag, and brackets in help texts shown as written (rich would read ``[default: x]`` as
     markup and drop it)."""
     root = typer.main.get_command(app)
-    _tidy(root, set())
+    rich_markup = getattr(typer.core, "HAS_RICH", False) and (
+        getattr(root, "rich_markup_mode", None) == "rich"
+    )
+    _tidy(root, set(), rich_markup)
     return root
 
 
-def _tidy(cmd: Any, seen: set[int]) -> None:
+def _tidy(cmd: Any, seen: set[int], rich_markup: bool) -> None:
     if id(cmd) in seen:
         return
     seen.add(id(cmd))
@@ -635,10 +639,10 @@ def _tidy(cmd: Any, seen: set[int]) -> None:
             continue
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""  # a flag takes no value: no type to show
-        if getattr(param, "help", None):
+        if rich_markup and getattr(param, "help", None):
             param.help = param.help.replace("[", "\\[")
     for sub in getattr(cmd, "commands", {}).values():
-        _tidy(sub, seen)
+        _tidy(sub, seen, rich_markup)
 
 
 def run(argv: list[str] | None = None) -> int:
