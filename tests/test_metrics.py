@@ -67,14 +67,23 @@ async def test_local_daemon_scrape(
     daemon = await start_daemon(
         nursery, make_config(metrics_addr=f"127.0.0.1:{port}", coalesce=False)
     )
-    await send(daemon, event(1, Kind.CRASH), event(2, Kind.COVERAGE), event(3, Kind.COVERAGE))
+    await send(
+        daemon,
+        event(1, Kind.CRASH),
+        event(2, Kind.COVERAGE),
+        event(3, Kind.COVERAGE),
+        event(4, Kind.COVERAGE, edges=-1),  # refused: out_of_range
+    )
     response = await scrape(port)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
     got = samples(response.text)
     assert got["pfcollector_events_received_total", (("kind", "crash"),)] == 1
     assert got["pfcollector_events_accepted_total", (("kind", "coverage"),)] == 2
-    assert got["pfcollector_events_rejected_total", (("kind", "coverage"),)] == 0
+    assert got["pfcollector_events_received_total", (("kind", "coverage"),)] == 3
+    assert got["pfcollector_events_rejected_total", (("kind", "coverage"),)] == 1
+    refused = (("code", "out_of_range"), ("kind", "coverage"))
+    assert got["pfcollector_events_refused_total", refused] == 1
     assert got["pfcollector_spool_events", (("kind", "coverage"),)] == 2
     assert got["pfcollector_spool_bytes", (("kind", "crash"),)] > 0
     assert got["pfcollector_spool_oldest_event_age_seconds", (("kind", "crash"),)] >= 0
