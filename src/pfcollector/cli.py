@@ -674,7 +674,8 @@ def run(argv: list[str] | None = None) -> int:
                 typer.echo(text, err=True)
             return code
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+        message = " ".join(exc.format_message().split())  # one line, whatever click wrote
+        typer.echo(f"error: {message}{hint}", err=True)
         return code
     return result if isinstance(result, int) else 0
 
