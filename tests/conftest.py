@@ -16,7 +16,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import trio
@@ -52,7 +52,12 @@ def require_tool(*names: str, package: str | None = None) -> str:
             return path
     pkg = package or TOOL_PACKAGES.get(names[0], names[0])
     what = " or ".join(names)
-    reason = f"{what} not installed (optional toolchain; Debian: apt-get install {pkg})"
+    missing(f"{what} not installed (optional toolchain; Debian: apt-get install {pkg})")
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip the test for ``reason`` (something optional the machine lacks), or fail it when
+    ``PFCOLLECTOR_REQUIRE_TOOLCHAINS=1`` (CI has everything, so nothing may skip there)."""
     if os.environ.get(REQUIRE_TOOLCHAINS) == "1":
         pytest.fail(f"{reason}, and {REQUIRE_TOOLCHAINS}=1 requires it", pytrace=False)
     pytest.skip(reason)
