@@ -6,6 +6,15 @@ Optional toolchains (clang, gcc, g++, afl++, go): a test that needs one calls
 the tool and the Debian package (pytest's ``-ra`` summary lists it), so the README's test
 command passes on a machine with only Python and pip. CI sets ``PFCOLLECTOR_REQUIRE_TOOLCHAINS=1``
 (see ``.ci/run``): then a missing tool FAILS the test instead, so CI never skips silently.
+
+    from .conftest import require_tool
+
+    def test_header_compiles_with_clang() -> None:
+        clang = require_tool("clang")          # a path, or the test is skipped / failed
+        ...
+
+Something else optional the machine may lack (a tmpfs mount in an unprivileged container):
+``missing("why")`` skips or fails the same way.
 """
 
 from __future__ import annotations
