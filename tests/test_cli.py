@@ -23,7 +23,7 @@ from pfcollector.cli import app
 from pfcollector.daemon import Daemon
 from pfcollector.events import Kind
 from pfcollector.protocol import Ack
-from pfcollector.statusview import format_watch
+from pfcollector.statusview import format_watch, refusal_lines
 from tests.wire import RawClient, event
 
 runner = CliRunner()
@@ -127,6 +127,27 @@ def test_format_watch_rates_from_counter_deltas() -> None:
     assert "breaker OPEN (probe in 4s)" in frame and "HTTP 503" in frame
     assert "(50.0%)" in frame and "!! gone" in frame
     assert format_watch(None, snap(12, 300, 60)).splitlines()[3].split()[1:3] == ["-", "-"]
+
+
+def test_refusals_are_shown_with_an_alert_for_results() -> None:
+    events = {
+        "crash": {"received": 3, "accepted": 3, "rejected": 0, "refused": {}},
+        "corpus": {"received": 9, "accepted": 2, "rejected": 1,
+                   "refused": {"disk_full": 6, "too_long": 1}},
+        "stats": {"received": 5, "accepted": 4, "rejected": 1, "refused": {"out_of_range": 1}},
+    }  # fmt: skip
+    doc = {"events": events}
+    lines = refusal_lines(doc)
+    assert lines[1] == (
+        "!! ALERT: 7 corpus event(s) refused since start (disk_full 6, too_long 1): "
+        "lost unless sent again"
+    )
+    assert lines[2] == (
+        "refused since start: corpus disk_full 6, too_long 1; stats out_of_range 1"
+    )
+    assert not any("crash" in line for line in lines)
+    # nothing refused: nothing shown
+    assert refusal_lines({"events": {"crash": events["crash"]}}) == []
 
 
 @pytest.mark.parametrize(
