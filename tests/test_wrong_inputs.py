@@ -61,6 +61,11 @@ CASES: list[tuple[list[str], str]] = [
     (["watch", "afl", "{file}", "--job", "j", "--once", "--socket", "{nosock}"], "{file}"),
     (["watch", "libfuzzer", "{file}", "--job", "j", "--once", "--socket", "{nosock}"], "{file}"),
     (["watch", "afl", "{dir}", "--job", "j", "--interval", "-1"], "'--interval'"),
+    (["watch", "afl", "{dir}", "--job", "j", "--reproduce-timeout", "0"], "--reproduce-timeout"),
+    # bugs
+    (["bugs", "--data-dir", "{missing}"], "no spool at"),
+    (["bugs", "--limit", "0"], "'--limit'"),
+    (["bugs", "--bogus"], "No such option"),
     # the reference master
     (["dev-master", "--port", "99999"], "'--port'"),
     (["dev-master", "--port", "0", "--db", "{file}/m.db"], "--db"),
