@@ -79,6 +79,20 @@ def _private_client_outbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("PFCOLLECTOR_OUTBOX", str(tmp_path / "client-outbox"))
 
 
+@pytest.fixture(scope="session")
+def clang() -> str:
+    """clang's path, for tests that build C: ``@pytest.mark.usefixtures("clang")`` (a sync
+    fixture, so the skip keeps its reason in trio tests too)."""
+    return require_tool("clang")
+
+
+@pytest.fixture(scope="session")
+def afl_tools() -> tuple[str, str]:
+    """``(afl-fuzz, afl-cc)``, for tests that run real AFL++."""
+    afl_fuzz = require_tool("afl-fuzz")
+    return afl_fuzz, require_tool("afl-cc", "afl-clang-fast", "afl-gcc", package="afl++")
+
+
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="pf"))

@@ -260,7 +260,7 @@ def test_never_raises_on_any_text(output: str, stack_trace: str) -> None:
     assert parsed == parse(output, stack_trace)  # deterministic
 
 
-@pytest.mark.skipif(targets.clang() is None, reason="clang is not installed: fixtures not rebuilt")
+@pytest.mark.usefixtures("clang")  # the fixtures are rebuilt with clang (conftest.require_tool)
 def test_fresh_reports_of_the_rebuilt_targets_have_the_stored_signatures() -> None:
     fresh = targets.capture_all()
     got = {name: parse(text).signature for name, text in fresh.items()}

@@ -45,7 +45,7 @@ EXPECTED = json.loads(targets.EXPECTED.read_text())
 NOBODY = 65534
 #: A Python others may run (the venv's may live under a private home).
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/usr/local/bin")
-needs_clang = pytest.mark.skipif(targets.clang() is None, reason="clang is not installed")
+needs_clang = pytest.mark.usefixtures("clang")  # conftest: skipped, or failed in CI, without
 
 
 def test_target_argv_from_afl_command_lines() -> None:
@@ -124,9 +124,7 @@ def tmp_path(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if targets.clang() is None:
-        pytest.skip("clang is not installed: cannot build the sanitizer target")
+def built(clang: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return targets.build(tmp_path_factory.mktemp("build"), ("asan",))["asan"]
 
 
@@ -241,25 +239,16 @@ async def test_the_watcher_sends_the_report_and_the_daemon_buckets_it(
     assert [b["hits"] for b in local_daemon.spool.read(bugs.list_bugs, "job-r")] == [2, 1]
 
 
-def _afl_tools() -> tuple[str, str] | None:
-    fuzz = shutil.which("afl-fuzz")
-    cc = shutil.which("afl-cc") or shutil.which("afl-clang-fast")
-    return (fuzz, cc) if fuzz and cc else None
-
-
 @pytest.mark.slow
 async def test_e2e_real_afl_two_bugs_reach_the_master_with_their_reports(
-    make_config: Callable[..., Config], nursery: trio.Nursery, tmp_path: Path
+    afl_tools: tuple[str, str],
+    make_config: Callable[..., Config],
+    nursery: trio.Nursery,
+    tmp_path: Path,
 ) -> None:
     """Done-when of issue 16: afl-fuzz on a target with two bugs, ``watch afl --reproduce``,
     the reference master gets both, typed and with stack traces; every other crash is a hit."""
-    tools = _afl_tools()
-    if tools is None:
-        if os.environ.get("PFCOLLECTOR_ALLOW_NO_AFL") == "1":
-            pytest.skip("afl++ is not installed and PFCOLLECTOR_ALLOW_NO_AFL=1")
-        pytest.fail("afl++ is not installed (afl-fuzz, afl-cc): apt-get install afl++, "
-                    "or set PFCOLLECTOR_ALLOW_NO_AFL=1 to skip")  # fmt: skip
-    afl_fuzz, afl_cc = tools
+    afl_fuzz, afl_cc = afl_tools
     build = await trio.run_process(
         [afl_cc, "-g", "-O0", "-fno-omit-frame-pointer", "-o", str(tmp_path / "t"),
          str(targets.TARGETS / "two_bugs.c")],

@@ -38,8 +38,6 @@ from pfcollector.watch import (
     stats_fields,
 )
 
-from .conftest import require_tool
-
 STATS = """start_time        : 1795721404
 last_update       : 1795721408
 fuzzer_pid        : 14671
@@ -258,14 +256,6 @@ int main(void) {
     return 0;
 }
 """
-
-
-@pytest.fixture
-def afl_tools() -> tuple[str, str]:
-    """afl-fuzz and a compiler, checked in a sync fixture: a skip raised inside a trio test
-    loses its reason in pytest's summary."""
-    afl_fuzz = require_tool("afl-fuzz")
-    return afl_fuzz, require_tool("afl-cc", "afl-clang-fast", "afl-gcc", package="afl++")
 
 
 @pytest.mark.slow
