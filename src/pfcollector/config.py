@@ -330,7 +330,7 @@ class Loaded:
         file: The configuration file read, if any.
         warnings: ``PFCOLLECTOR_*`` variables that name no key (with a suggestion when one
             is close). Not errors: the prefix is shared with the client and the tools
-            (``PFCOLLECTOR_ALLOW_NO_AFL``), but a typo should not pass unseen.
+            (``PFCOLLECTOR_REQUIRE_TOOLCHAINS``), but a typo should not pass unseen.
     """
 
     config: Config
