@@ -341,7 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds each stored result costs, writes serialised "
         "(0.00023 = the PandaFuzz master's cost per crash in a batch; default 0)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no line per request")
+    # Quiet by default here (benchmarks and tests pipe stdout and read only the first line: a
+    # line per request would fill the pipe and block the master); `pfcollector dev-master`,
+    # for people, logs them unless --quiet.
+    parser.add_argument(
+        "--log-requests", action="store_true", help="print a line per request on stdout"
+    )
     args = parser.parse_args(argv)
     try:
         serve(
@@ -350,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.db,
             accept_compression=args.accept_compression,
             cost_per_item=args.cost_per_item,
-            quiet=args.quiet,
+            quiet=not args.log_requests,
         )
     except OSError as exc:
         print(f"dev-master: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
