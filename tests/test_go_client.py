@@ -10,7 +10,8 @@ Rules of this module:
   end-to-end tests; here we also check that none of them skipped (but the two that need the
   outbox importer, when this pfcollector has none).
 * Without ``go`` every test here is skipped with the reason (``apt-get install golang-go``);
-  CI installs it. ``-race`` needs cgo and a C compiler; without them that test says so.
+  CI installs it and sets ``PFCOLLECTOR_REQUIRE_TOOLCHAINS=1``, which makes that a failure.
+  ``-race`` needs cgo and a C compiler; without them that test says so (fails under CI).
 * The example runs against a live daemon subprocess delivering to an in-process
   :class:`DevMaster`, and the checks are made on what the master stored.
 """
@@ -36,15 +37,20 @@ import pytest
 import pfclient
 from pfcollector.devmaster import DevMaster
 
+from .conftest import missing, require_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 GO_CLIENT = ROOT / "clients" / "go"
 GO_BOT = ROOT / "examples" / "go-bot"
 GO = shutil.which("go")
 WAIT_S = 20.0
 
-pytestmark = pytest.mark.skipif(
-    GO is None, reason="go is not installed (apt-get install golang-go); the Go client is untested"
-)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def go_tool() -> str:
+    """Every test here needs go: skipped without it, failed under CI (conftest.require_tool)."""
+    return require_tool("go")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +142,7 @@ def race_supported(env: dict[str, str]) -> str | None:
 def test_go_test_race(go_env: dict[str, str]) -> None:
     reason = race_supported(go_env)
     if reason is not None:
-        pytest.skip(reason)
+        missing(reason)  # skipped, or failed under PFCOLLECTOR_REQUIRE_TOOLCHAINS=1 (CI)
     out = go(["test", "-race", "-count=1", "-v", "./..."], GO_CLIENT, go_env, timeout=900)
     assert "--- PASS: TestHandleEventFrom16Goroutines" in out, out
     assert "DATA RACE" not in out
