@@ -243,7 +243,8 @@ def _ingest_families(s: Snapshot) -> Iterator[Metric]:
     refused = CounterMetricFamily(
         "pfcollector_events_refused",
         "Events refused, by kind and code (validation codes, rate_limited, spool_full, "
-        "disk_full, spool_write_failed). A crash or corpus refusal is a lost result: alert.",
+        "disk_full, spool_write_failed, id_conflict, draining). A crash or corpus refused "
+        "is a result the master will not get unless it is sent again.",
         labels=["kind", "code"],
     )
     for kind, row in sorted(events.items()):
