@@ -754,7 +754,7 @@ SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=99",
 @pytest.fixture(scope="module")
 def sender_asan(build_dir: Path) -> Path:
     out = build_dir / "sender-asan"
-    compile_ok([require("clang"), *C99, *SANITIZE, "-o", str(out), str(SENDER)])
+    compile_ok([require_tool("clang"), *C99, *SANITIZE, "-o", str(out), str(SENDER)])
     return out
 
 
