@@ -386,7 +386,7 @@ class Importer:
             await ingest.send(Pending(item.event, item.data, tracker, seq))
         while tracker.unsettled:
             await tracker.wait_changed()
-        failed = {seq: code for seq, code, _ in tracker.errors}
+        failed = {seq: code for seq, code, _, _ in tracker.errors}
         done: list[str] = []
         for seq, item in enumerate(batch, 1):
             code = failed.get(seq)
