@@ -16,7 +16,8 @@ regular file within :func:`file_limit` bytes owned by a uid the socket would adm
 Resource handling:
     One pass reads at most :data:`PASS_MAX_BYTES` of files, and no more than a quarter of the
     daemon's memory budget, reserved from it before reading and held until the group commit
-    has the events, so memory stays bounded whatever the outbox holds. Files settle on the ingest channel's flow control.
+    has the events, so memory stays bounded whatever the outbox holds. Files settle on the
+    ingest channel's flow control.
 
 Error handling:
     A file the spool cannot take now (``spool_full``, ``disk_full``, ``spool_write_failed``)
