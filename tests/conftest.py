@@ -45,6 +45,7 @@ TOOL_PACKAGES = {
     "afl-fuzz": "afl++",
     "afl-cc": "afl++",
     "go": "golang-go",
+    "systemd-analyze": "systemd",
 }
 
 

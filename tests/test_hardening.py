@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.conftest import require_tool
 
 UNIT = Path(__file__).parent.parent / "contrib" / "systemd" / "pfcollector.service"
 #: The exposure the unit must stay under (docs/security.md): "OK" in systemd's words.
 MAX_EXPOSURE = 2.0
 
 
-@pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze is not installed (Debian: apt-get install systemd)",
-)
 def test_service_unit_exposure_is_below_two() -> None:
+    analyze = require_tool("systemd-analyze")
     run = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT)],
+        [analyze, "security", "--offline=yes", "--no-pager", str(UNIT)],
         capture_output=True,
         text=True,
         timeout=120,
