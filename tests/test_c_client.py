@@ -24,7 +24,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,11 +34,12 @@ from typing import Any
 import msgpack
 import pytest
 
-import pfclient
 from pfcollector.devmaster import DevMaster
 from pfcollector.outbox import decode_file
 
+from . import daemonproc
 from .conftest import require_tool
+from .daemonproc import serve_process
 
 ROOT = Path(__file__).resolve().parents[1]
 C_DIR = ROOT / "clients" / "c"
@@ -62,11 +62,7 @@ def compile_ok(cmd: list[str]) -> None:
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+    daemonproc.wait_for(what, check, timeout)
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -107,30 +103,8 @@ def master() -> Iterator[DevMaster]:
 def daemon(master: DevMaster, build_dir: Path) -> Iterator[Path]:
     """A live daemon subprocess delivering to ``master``; yields its socket path."""
     sock = build_dir / "pf.sock"
-    cmd = [sys.executable, "-m", "pfcollector", "serve", "--socket", str(sock),
-           "--data-dir", str(build_dir / "data"), "--master", master.url, "--bot-id", "b",
-           "--flush-interval", "0.2", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"the daemon exited with {proc.returncode}: {proc.stderr.read()}")
-            try:
-                pfclient.status(sock, timeout=1.0)
-            except pfclient.PfClientError:
-                return False
-            return True
-
-        wait_for("the daemon to answer status", ready)
+    with serve_process(sock, build_dir / "data", master.url):
         yield sock
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
 
 
 def rows(master: DevMaster, kind: str, job_id: str) -> list[dict[str, Any]]:
@@ -462,36 +436,11 @@ def test_forked_child_reports_on_its_own(
 # -- the daemon away: killed, stopped, or an impostor ---------------------------------------
 
 
-@contextlib.contextmanager
-def daemon_proc(sock: Path, data: Path, master: DevMaster) -> Iterator[subprocess.Popen[str]]:
+def daemon_proc(
+    sock: Path, data: Path, master: DevMaster
+) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
     """A daemon on ``sock`` and ``data``; stopped (SIGCONT, SIGTERM, wait) on the way out."""
-    cmd = [sys.executable, "-m", "pfcollector", "serve", "--socket", str(sock),
-           "--data-dir", str(data), "--master", master.url, "--bot-id", "b",
-           "--flush-interval", "0.2", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                assert proc.stderr is not None
-                pytest.fail(f"the daemon exited with {proc.returncode}: {proc.stderr.read()}")
-            try:
-                pfclient.status(sock, timeout=1.0)
-            except pfclient.PfClientError:
-                return False
-            return True
-
-        wait_for("the daemon to answer status", ready)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+    return serve_process(sock, data, master.url)
 
 
 def kill9(proc: subprocess.Popen[str]) -> None:

@@ -23,21 +23,20 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import pfclient
 from pfcollector.devmaster import DevMaster
 
+from . import daemonproc
 from .conftest import missing, require_tool
+from .daemonproc import serve_process
 
 ROOT = Path(__file__).resolve().parents[1]
 GO_CLIENT = ROOT / "clients" / "go"
@@ -152,11 +151,7 @@ def test_go_test_race(go_env: dict[str, str]) -> None:
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+    daemonproc.wait_for(what, check, timeout)
 
 
 @pytest.fixture
@@ -170,31 +165,10 @@ def daemon(master: DevMaster) -> Iterator[tuple[Path, Path]]:
     """A live daemon subprocess delivering to ``master``: its socket and data dir."""
     tmp = Path(tempfile.mkdtemp(prefix="pfgo"))
     sock, data = tmp / "pf.sock", tmp / "data"
-    cmd = [sys.executable, "-m", "pfcollector", "serve", "--socket", str(sock),
-           "--data-dir", str(data), "--master", master.url, "--bot-id", "b",
-           "--flush-interval", "0.2", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                err = proc.stderr.read() if proc.stderr else ""
-                pytest.fail(f"the daemon exited with {proc.returncode}: {err}")
-            try:
-                pfclient.status(sock, timeout=1.0)
-            except pfclient.PfClientError:
-                return False
-            return True
-
-        wait_for("the daemon to answer status", ready)
-        yield sock, data
+        with serve_process(sock, data, master.url):
+            yield sock, data
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
