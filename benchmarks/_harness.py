@@ -36,6 +36,7 @@ __all__ = [
     "load_now",
     "machine_info",
     "run_clients",
+    "run_together",
     "start_baseline",
     "start_master",
 ]
@@ -314,6 +315,33 @@ class ClientRun:
             )
 
 
+def run_together(cmds: list[list[str]], what: str, timeout: float) -> float:
+    """Start every command, wait until each printed ``ready``, say ``go`` to all at once, and
+    wait up to ``timeout`` s for each to exit 0; returns the ``go`` time (``time.monotonic``)."""
+    procs = [_spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for cmd in cmds]
+    try:
+        for proc in procs:
+            _wait_line(proc, "ready", 120)
+        t_go = time.monotonic()
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            try:
+                rc = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"{what} {proc.args!r} did not finish") from None
+            if rc != 0:
+                raise BenchError(f"{what} exited with {rc}: {proc.args!r}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    return t_go
+
+
 def run_clients(
     socket_path: Path,
     work: Path,
@@ -333,7 +361,7 @@ def run_clients(
     by ``max_seconds`` in all).
     """
     work.mkdir(parents=True, exist_ok=True)
-    procs = []
+    cmds = []
     for i, mix in enumerate(mixes):
         cmd = [PY, str(HERE / "_load.py"), "--socket", str(socket_path), "--mix", mix,
                "--count", str(count), "--index", str(i), "--window", str(window),
@@ -342,27 +370,8 @@ def run_clients(
                "--out", str(work / f"client{i}.json")]  # fmt: skip
         if latency:
             cmd += ["--latency-out", str(work / f"client{i}.lat")]
-        procs.append(_spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-    try:
-        for proc in procs:
-            _wait_line(proc, "ready", 120)
-        t_go = time.monotonic()
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write(b"go\n")
-            proc.stdin.flush()
-        for proc in procs:
-            try:
-                rc = proc.wait(max_seconds + 30)
-            except subprocess.TimeoutExpired:
-                raise BenchError(f"client {proc.args!r} did not finish") from None
-            if rc != 0:
-                raise BenchError(f"client exited with {rc}: {proc.args!r}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
+        cmds.append(cmd)
+    t_go = run_together(cmds, "client", max_seconds + 30)
     results = [json.loads((work / f"client{i}.json").read_text()) for i in range(len(mixes))]
     lat = array("d")
     if latency:

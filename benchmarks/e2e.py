@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import subprocess
 import sys
 import tempfile
 import threading
@@ -159,7 +158,7 @@ def run_producers(
 ) -> tuple[list[dict[str, Any]], float, list[float]]:
     """``n`` ``_producer.py`` processes; returns their results, the ``go`` time, latencies."""
     work.mkdir(parents=True, exist_ok=True)
-    procs = []
+    cmds = []
     for i in range(n):
         cmd = [h.PY, str(h.HERE / "_producer.py"), "--socket", str(socket_path),
                "--index", str(i), "--count", str(count), "--duration", str(duration),
@@ -167,27 +166,8 @@ def run_producers(
                "--output-bytes", str(output_bytes), "--out", str(work / f"p{i}.json")]  # fmt: skip
         if latency:
             cmd += ["--latency-out", str(work / f"p{i}.lat")]
-        procs.append(h._spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-    try:
-        for proc in procs:
-            h._wait_line(proc, "ready", 120)
-        t_go = time.monotonic()
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write(b"go\n")
-            proc.stdin.flush()
-        for proc in procs:
-            try:
-                rc = proc.wait(duration + _extra_wait(count, rate))
-            except subprocess.TimeoutExpired:
-                raise h.BenchError(f"producer {proc.args!r} did not finish") from None
-            if rc != 0:
-                raise h.BenchError(f"producer exited with {rc}: {proc.args!r}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
+        cmds.append(cmd)
+    t_go = h.run_together(cmds, "producer", duration + _extra_wait(count, rate))
     results = [json.loads((work / f"p{i}.json").read_text()) for i in range(n)]
     lat: list[float] = []
     if latency:
