@@ -245,6 +245,9 @@ class Pipeline:
             capacity, used = self._budget.capacity, self._budget.used
             share = min(capacity // 4 - self._window.held, max(capacity - used, capacity // 32))
             limit = max(1, min(limit, share // self._mean_cost))
+        # Cleared before the read, never after it: a commit's notify() that lands while the
+        # read runs (in a worker thread) must not be lost, or its events wait for the next one.
+        self._more = False
         rows = await self._offload(self.spool.read_after, self.cursor, limit)
         now = trio.current_time()
         if rows:
@@ -254,7 +257,8 @@ class Pipeline:
             self._held[item.event.id] = item
             self._window.grow(_cost(item))  # at most one chunk past the window's share
             self._add(item, now)
-        self._more = len(rows) == limit
+        if len(rows) == limit:
+            self._more = True
 
     def _add(self, item: Spooled, now: float) -> None:
         group = self._groups.get((item.event.kind, item.event.job_id))
