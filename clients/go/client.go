@@ -324,12 +324,7 @@ func (c *Client) Flush(timeout time.Duration) (err error) {
 			return fmt.Errorf("%w: %d events still unacknowledged after %v", ErrTimeout, n, timeout)
 		}
 		c.kick()
-		t := time.NewTimer(left)
-		select {
-		case <-space:
-		case <-t.C:
-		}
-		t.Stop()
+		waitOrTimeout(space, left)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -132,12 +132,7 @@ func (c *Client) enqueue(ev Event, budget time.Duration) (*pending, error) {
 			return nil, ErrQueueFull
 		}
 		c.kick()
-		t := time.NewTimer(left)
-		select {
-		case <-space:
-		case <-t.C:
-		}
-		t.Stop()
+		waitOrTimeout(space, left)
 		c.mu.Lock()
 	}
 	c.queue = append(c.queue, p)
@@ -146,6 +141,16 @@ func (c *Client) enqueue(ev Event, budget time.Duration) (*pending, error) {
 	c.mu.Unlock()
 	c.kick()
 	return p, nil
+}
+
+// waitOrTimeout waits until ch is closed (the queue has room again) or d has passed.
+func waitOrTimeout(ch <-chan struct{}, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ch:
+	case <-t.C:
+	}
 }
 
 // waitFor waits until p is acknowledged or refused, up to left.
