@@ -172,6 +172,13 @@ class GroupCommitter:
 
     async def commit(self, group: list[Pending]) -> None:
         """Write one group durably, then settle every event in it."""
+        # SQLite copies each blob while binding it, one at a time: the largest copy is
+        # counted in the memory budget for the write (an overdraft of one input at most), so
+        # producers wait for it instead of the RSS running past the budget.
+        copy = _largest_input(group)
+        budget = next((item.hold.budget for item in group if item.hold is not None), None)
+        if budget is not None:
+            budget.force(copy)
         try:
             # Not cancellable: a commit that started finishes, so its acks are true.
             results = await trio.to_thread.run_sync(self._write, group)
@@ -185,6 +192,9 @@ class GroupCommitter:
                 item.tracker.settle(item.seq, failure, item.event.kind)
             _release(group)
             return
+        finally:
+            if budget is not None:
+                budget.release(copy)
         if self.failing is not None:
             log.warning("spool writes work again (after %s)", self.failing)
             self.failing = None
@@ -280,13 +290,19 @@ class InputWriter:
         backoff = 0.0
         while True:
             try:
-                await self._batch.ensure(self._batch_bytes)
-                batch = await trio.to_thread.run_sync(
-                    self.spool.pending_inputs, self._batch_bytes
+                sizes = await trio.to_thread.run_sync(
+                    self.spool.pending_input_sizes, self._batch_bytes
                 )
-                total = sum(len(data) for _, data in batch)
-                self._batch.shrink(total)
-                self._batch.grow(total - self._batch.held)
+                # Reading a blob, SQLite assembles it in a buffer of its own that Python then
+                # copies: the bytes of the batch, and the largest of them once more, are
+                # reserved before anything is read.
+                total = sum(size for _, size in sizes)
+                largest = max((size for _, size in sizes), default=0)
+                await self._batch.ensure(total + largest)
+                batch = await trio.to_thread.run_sync(
+                    self.spool.read_inputs, [sha for sha, _ in sizes]
+                )
+                self._batch.shrink(sum(len(data) for _, data in batch))
                 if not batch:
                     await self._wake.wait()
                     self._wake = trio.Event()
@@ -308,6 +324,18 @@ class InputWriter:
                 log.warning("crash input files are written again")
                 backoff = 0.0
             self.written += written
+
+
+def _largest_input(group: list[Pending]) -> int:
+    """Bytes of the largest input (a crash input or one corpus entry) in ``group``."""
+    largest = 0
+    for item in group:
+        data = item.input
+        if isinstance(data, bytes):
+            largest = max(largest, len(data))
+        elif data:
+            largest = max(largest, *(len(entry) for entry in data))
+    return largest
 
 
 def _release(group: list[Pending]) -> None:

@@ -117,6 +117,11 @@ class _Connection(ServerConnection):
         return HEADER_SIZE + int.from_bytes(buf[:HEADER_SIZE], "big") if len(buf) >= 4 else 0
 
 
+def _frame_room(conn: _Connection, capacity: int) -> int:
+    """Budget for the frame being received: its bytes in the buffer, and their decoded copy."""
+    return 2 * min(conn.frame_total or conn.pending_bytes, capacity // 4)
+
+
 def read_size(capacity: int, max_connections: int) -> int:
     """Bytes per read: every connection's read fits in a quarter of the budget."""
     return max(4096, min(READ_SIZE, capacity // (4 * max_connections)))
@@ -143,12 +148,12 @@ async def read_connection(
     tokens, refilled = limits.rate_limit, trio.current_time()
     try:
         while True:
-            # Room for the whole frame being received (what is buffered of it is less) and
-            # one more read, asked once per frame: a reader never holds part of a frame while
-            # waiting for more, so readers cannot deadlock on each other. A frame larger than
-            # a quarter of the budget is counted as a quarter (it still gets through).
-            frame = min(conn.frame_total or conn.pending_bytes, budget.capacity // 4)
-            await reserved.ensure(frame + chunk)  # not charged to the client
+            # Room for the whole frame being received (what is buffered of it is less), twice
+            # (decoding copies its bytes out of the buffer before the buffer lets go of them),
+            # and one more read, asked once per frame: a reader never holds part of a frame
+            # while waiting for more, so readers cannot deadlock on each other. A frame larger
+            # than a quarter of the budget is counted as a quarter (it still gets through).
+            await reserved.ensure(_frame_room(conn, budget.capacity) + chunk)  # not charged
             started = trio.current_time()
             data = None
             with trio.move_on_at(clock.deadline(started)):
@@ -213,6 +218,8 @@ async def read_connection(
                     await send(await server._answer(msg, info))
             if eof:
                 return False
+            # The decoded events left with their bytes; keep what the next frame needs.
+            reserved.shrink(_frame_room(conn, budget.capacity) + chunk)
             clock.received(waited, partial=bool(conn.pending_bytes), new_frame=completed)
     finally:
         reserved.release()

@@ -442,16 +442,31 @@ class Spool(DeadLetters):
 
     # -- inputs waiting for their file ------------------------------------------------------
 
-    def pending_inputs(self, max_bytes: int = 32 * 1024 * 1024) -> list[tuple[str, bytes]]:
-        """Inputs whose file is not durable yet, up to about ``max_bytes`` (at least one)."""
-        out: list[tuple[str, bytes]] = []
+    def pending_input_sizes(self, max_bytes: int = 32 * 1024 * 1024) -> list[tuple[str, int]]:
+        """``(sha256, size)`` of inputs whose file is not durable yet, up to about ``max_bytes``
+        (at least one). Reads no blob: the caller reserves memory before :meth:`read_inputs`."""
+        out: list[tuple[str, int]] = []
         total = 0
         with self._lock:
-            for sha256, data in self._db.execute("SELECT sha256, data FROM pending_inputs"):
-                out.append((sha256, data))
-                total += len(data)
+            for sha256, size in self._db.execute(
+                "SELECT sha256, length(data) FROM pending_inputs"
+            ):
+                out.append((sha256, size))
+                total += size
                 if total >= max_bytes:
                     break
+        return out
+
+    def read_inputs(self, shas: Sequence[str]) -> list[tuple[str, bytes]]:
+        """The bytes of these pending inputs (those still pending), one blob at a time."""
+        out: list[tuple[str, bytes]] = []
+        with self._lock:
+            for sha256 in shas:
+                row = self._db.execute(
+                    "SELECT data FROM pending_inputs WHERE sha256 = ?", (sha256,)
+                ).fetchone()
+                if row is not None:
+                    out.append((sha256, row[0]))
         return out
 
     def drop_inputs(self, shas: Sequence[str]) -> None:
