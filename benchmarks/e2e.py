@@ -298,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--producers", type=int, default=16)
     p.add_argument("--cost", type=float, default=REAL_MASTER_COST)
     p.add_argument("--only", default="e2e,storm")
+    p.add_argument("--src", type=Path, default=None, help="run the daemon from this tree")
     args = p.parse_args(argv)
+    if args.src is not None:  # compare two trees with the same benchmark
+        h.DAEMON_ENV["PYTHONPATH"] = str((args.src / "src").resolve())
     root = Path(tempfile.mkdtemp(prefix="pfe2e-"))
     out: dict[str, Any] = {}
     try:

@@ -258,6 +258,10 @@ class GroupCommitter:
         return self.spool.append(events, sizes, keys, blobs)
 
 
+#: How long the input writer lets newly committed inputs gather before writing their files.
+GATHER_INPUTS_S = 0.05
+
+
 class InputWriter:
     """Writes the inputs the group commit journaled in the spool into their files.
 
@@ -306,6 +310,9 @@ class InputWriter:
                 if not batch:
                     await self._wake.wait()
                     self._wake = trio.Event()
+                    # Let a few commits' inputs gather: one syncfs and one DELETE for them all
+                    # instead of one per commit (the bytes are durable in the spool meanwhile).
+                    await trio.sleep(GATHER_INPUTS_S)
                     continue
                 await trio.to_thread.run_sync(self.inputs.write, batch)
                 await trio.to_thread.run_sync(self.spool.drop_inputs, [sha for sha, _ in batch])
