@@ -129,7 +129,7 @@ def _setting_flags(
         str | None, _flag("--delivery-mode", help="batch or item [batch]")
     ] = None,
     batch_size: Annotated[int | None, _flag("--batch-size", help="Events per batch [100]")] = None,
-    batch_bytes: Annotated[int | None, _flag("--batch-bytes", help="Bytes per batch [512 KiB]")] = (
+    batch_bytes: Annotated[int | None, _flag("--batch-bytes", help="Bytes per batch [960 KiB]")] = (
         None
     ),
     flush_interval: Annotated[

@@ -130,7 +130,7 @@ class Config:
     token_file: Path | None = None
     delivery_mode: Literal["batch", "item"] = "batch"
     batch_size: int = 100
-    batch_bytes: int = 512 * 1024
+    batch_bytes: int = 960 * 1024
     flush_interval: float = 10.0
     max_frame: int = 16 * 1024 * 1024
     max_connections: int = 256

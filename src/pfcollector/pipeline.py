@@ -46,7 +46,7 @@ class BatchPolicy:
     """When a group of events becomes a batch. Plain data, changeable at run time."""
 
     batch_size: int = 100
-    batch_bytes: int = 512 * 1024
+    batch_bytes: int = 960 * 1024
     flush_interval: float = 10.0
 
     def due(self, count: int, nbytes: int, since: float, now: float) -> bool:

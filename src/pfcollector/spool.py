@@ -147,6 +147,10 @@ class Spool(DeadLetters):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # Debian builds SQLite with secure_delete on: every delivered row and every
+            # written input's journal blob was overwritten with zeros, a second write of each.
+            # FAST zeroes what costs no extra I/O; the inputs themselves stay in their files.
+            self._db.execute("PRAGMA secure_delete=FAST")
             self._db.executescript(_SCHEMA + bugs.SCHEMA)
             idcheck.migrate(self._db)
             self._db.execute(
