@@ -172,13 +172,6 @@ class GroupCommitter:
 
     async def commit(self, group: list[Pending]) -> None:
         """Write one group durably, then settle every event in it."""
-        # SQLite copies each blob while binding it, one at a time: the largest copy is
-        # counted in the memory budget for the write (an overdraft of one input at most), so
-        # producers wait for it instead of the RSS running past the budget.
-        copy = _largest_input(group)
-        budget = next((item.hold.budget for item in group if item.hold is not None), None)
-        if budget is not None:
-            budget.force(copy)
         try:
             # Not cancellable: a commit that started finishes, so its acks are true.
             results = await trio.to_thread.run_sync(self._write, group)
@@ -192,9 +185,6 @@ class GroupCommitter:
                 item.tracker.settle(item.seq, failure, item.event.kind)
             _release(group)
             return
-        finally:
-            if budget is not None:
-                budget.release(copy)
         if self.failing is not None:
             log.warning("spool writes work again (after %s)", self.failing)
             self.failing = None
@@ -297,12 +287,9 @@ class InputWriter:
                 sizes = await trio.to_thread.run_sync(
                     self.spool.pending_input_sizes, self._batch_bytes
                 )
-                # Reading a blob, SQLite assembles it in a buffer of its own that Python then
-                # copies: the bytes of the batch, and the largest of them once more, are
-                # reserved before anything is read.
-                total = sum(size for _, size in sizes)
-                largest = max((size for _, size in sizes), default=0)
-                await self._batch.ensure(total + largest)
+                # Reserved before anything is read (SQLite's own buffer for the blob it reads
+                # is in the share the daemon sets aside for SQLite's copies at start).
+                await self._batch.ensure(sum(size for _, size in sizes))
                 batch = await trio.to_thread.run_sync(
                     self.spool.read_inputs, [sha for sha, _ in sizes]
                 )
@@ -331,18 +318,6 @@ class InputWriter:
                 log.warning("crash input files are written again")
                 backoff = 0.0
             self.written += written
-
-
-def _largest_input(group: list[Pending]) -> int:
-    """Bytes of the largest input (a crash input or one corpus entry) in ``group``."""
-    largest = 0
-    for item in group:
-        data = item.input
-        if isinstance(data, bytes):
-            largest = max(largest, len(data))
-        elif data:
-            largest = max(largest, *(len(entry) for entry in data))
-    return largest
 
 
 def _release(group: list[Pending]) -> None:
