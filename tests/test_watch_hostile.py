@@ -195,3 +195,37 @@ async def test_watcher_keeps_crashes_in_the_outbox_while_the_daemon_is_away(
     stored = {r.event.id for r in daemon.spool.read_after(0, 100)}
     assert {name.removesuffix(".pfev") for name in kept} <= stored
     daemon.stop()
+
+
+def test_a_crash_named_with_no_signal_number_is_still_a_valid_crash(tmp_path: Path) -> None:
+    """``sig:999`` in a crash file's name (a custom mutator's, or a renamed file) was sent as
+    ``signal: 999`` and the daemon refused the crash (``signal`` is 0..SIGRTMAX): lost. The
+    watcher now sends such a crash as type ``crash``, signal 0, its name in the output, and
+    the daemon's own parser takes every event it sends."""
+    import msgpack
+
+    from pfcollector.protocol import EventMsg, ServerConnection
+
+    out = tmp_path / "out"
+    inst = make_instance(out, "default", crashes=0, queue=0)
+    names = ["id:000000,sig:999,src:000000", "id:000001,sig:123456789012345678901234567890",
+             "id:000002,sig:11,src:000000"]  # fmt: skip
+    for name in names:
+        (inst / "crashes" / name).write_bytes(name.encode())
+    sink = FakeSink()
+    scan_bounded(AflWatcher(out, sink, StateFile(tmp_path / "s.json", out), settle=0.0).scan)
+    crashes = [s[2] for s in sink.sent if s[1] == "crash"]
+    assert [(c["type"], c["signal"]) for c in crashes] == [("crash", 0), ("crash", 0),
+                                                           ("SIGSEGV", 11)]  # fmt: skip
+    assert all(name in c["output"] for name, c in zip(names, crashes, strict=True))
+    conn = ServerConnection()
+    frames = [{"t": "hello", "v": 1, "job_id": "j", "fuzzer": "afl++/default", "pid": 1}]
+    frames += [{"t": "event", "seq": i + 1, "kind": "crash", "id": f"00000000-0000-4000-8000-"
+                f"{i:012d}", **c} for i, c in enumerate(crashes)]  # fmt: skip
+    for frame in frames:
+        body = msgpack.packb(frame, use_bin_type=True)
+        conn.receive_data(len(body).to_bytes(4, "big") + body)
+    parsed = []
+    while (msg := conn.next_message()) is not None:  # a refusal raises MessageError here
+        parsed.append(msg)
+    assert [m.seq for m in parsed if isinstance(m, EventMsg)] == [1, 2, 3]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..events import CRASH_INPUT_MAX, INT64_MAX, INT64_MIN
+from ..events import CRASH_INPUT_MAX, INT64_MAX, INT64_MIN, SIGNAL_MAX
 from ._files import DirWaiter, SafeTree
 from ._reproduce import Reproducer
 from ._sink import Sink, stable_id
@@ -37,6 +37,7 @@ from ._state import StateFile
 __all__ = [
     "AflWatcher",
     "coverage_fields",
+    "crash_fields",
     "find_instances",
     "parse_crash_name",
     "parse_fuzzer_stats",
@@ -62,6 +63,22 @@ def parse_crash_name(name: str) -> tuple[int, int] | None:
         return None
     sig = _SIG.search(name)
     return int(m.group(1)), int(sig.group(1)) if sig else 0
+
+
+def crash_fields(instance: str, file_name: str, signum: int, data: bytes) -> dict[str, Any]:
+    """The crash event's fields for an AFL++ crash file.
+
+    The file name is the fuzzer's (a custom mutator or a renamed file can say ``sig:999``):
+    a number that is no signal is not sent as one, since the daemon would refuse the crash;
+    the type and ``signal`` fall back to ``crash`` and 0, and the output keeps the name.
+    """
+    valid = 0 <= signum <= SIGNAL_MAX
+    return {
+        "type": signal_type(signum) if valid else "crash",
+        "signal": signum if valid else 0,
+        "input": data,
+        "output": f"AFL++ {instance}/crashes/{file_name}",
+    }
 
 
 def signal_type(signum: int) -> str:
@@ -255,8 +272,7 @@ class AflWatcher:
                 crashes["next"] = entry.number + 1
                 continue
             event_id = stable_id("afl", self._where, self.sink.job_id, name, entry.name)
-            fields = {"type": signal_type(parsed[1]), "signal": parsed[1], "input": data,
-                      "output": f"AFL++ {name}/crashes/{entry.name}"}  # fmt: skip
+            fields = crash_fields(name, entry.name, parsed[1], data)
             if self.reproducer is not None:  # --reproduce: the target's report (_reproduce.py)
                 found = self.reproducer.run(directory, directory / "crashes" / entry.name, data)
                 fields["output"] = f"{fields['output']}\n{found['output']}"
