@@ -118,8 +118,8 @@ class _Connection(ServerConnection):
 
 
 def _frame_room(conn: _Connection, capacity: int) -> int:
-    """Budget for the frame being received: its bytes in the buffer, and their decoded copy."""
-    return 2 * min(conn.frame_total or conn.pending_bytes, capacity // 4)
+    """Budget for the frame being received and its decoded copy: a quarter at most."""
+    return min(2 * (conn.frame_total or conn.pending_bytes), capacity // 4)
 
 
 def read_size(capacity: int, max_connections: int) -> int:
@@ -148,11 +148,12 @@ async def read_connection(
     tokens, refilled = limits.rate_limit, trio.current_time()
     try:
         while True:
-            # Room for the whole frame being received (what is buffered of it is less), twice
-            # (decoding copies its bytes out of the buffer before the buffer lets go of them),
-            # and one more read, asked once per frame: a reader never holds part of a frame
-            # while waiting for more, so readers cannot deadlock on each other. A frame larger
-            # than a quarter of the budget is counted as a quarter (it still gets through).
+            # Room for the whole frame being received (what is buffered of it is less) and
+            # its decoded copy (decoding copies the bytes out of the buffer before the buffer
+            # lets go of them), and one more read, asked once per frame: a reader never holds
+            # part of a frame while waiting for more, so readers cannot deadlock on each
+            # other. Frame and copy together count a quarter of the budget at most (a bigger
+            # frame still gets through).
             await reserved.ensure(_frame_room(conn, budget.capacity) + chunk)  # not charged
             started = trio.current_time()
             data = None
@@ -218,8 +219,11 @@ async def read_connection(
                     await send(await server._answer(msg, info))
             if eof:
                 return False
-            # The decoded events left with their bytes; keep what the next frame needs.
-            reserved.shrink(_frame_room(conn, budget.capacity) + chunk)
+            if completed:
+                # The decoded events left with their bytes and the decode copy is gone: back
+                # to one read's worth (what is buffered of the next frame came in this read),
+                # so the next frame's room is asked for holding no more than that.
+                reserved.shrink(chunk)
             clock.received(waited, partial=bool(conn.pending_bytes), new_frame=completed)
     finally:
         reserved.release()
