@@ -7,7 +7,9 @@ spool until it works again; identical inputs make one file."""
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import trio
 from pfcollector.events import Event, Kind
 from pfcollector.ingest import AckTracker, GroupCommitter, InputWriter, Pending
 from pfcollector.inputs import InputStore
+from pfcollector.membudget import MemoryBudget, Reservation
 from pfcollector.spool import Spool
 
 from .conftest import make_event
@@ -129,3 +132,63 @@ async def test_a_file_renamed_but_not_synced_is_synced_before_the_bytes_go(
     # The file existed at the retry (renamed by the failed try), yet it was synced again
     # before its bytes left the spool.
     assert dropped == [len(calls)] and len(calls) >= 3
+
+
+async def test_fresh_inputs_are_written_from_memory_not_read_back(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit hands the writer the bytes it just journalled (with their memory budget):
+    reading them back from SQLite cost a blob read and two copies per input."""
+    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
+    budget = MemoryBudget(64 * 1024 * 1024)
+    committer = GroupCommitter(spool, inputs, crash_dedupe=False)
+    writer = InputWriter(spool, inputs, budget)
+    committer.on_commit(writer.notify)
+    committer.hand_inputs_to(writer)
+    read_back: list[str] = []
+    real_read = Spool.read_inputs
+    monkeypatch.setattr(Spool, "read_inputs",
+                        lambda self, shas: read_back.extend(shas) or real_read(self, shas))  # fmt: skip
+    nursery.start_soon(writer.run)
+    tracker = AckTracker()
+    group = [crash_pending(f"fresh {i}".encode(), tracker, i) for i in range(1, 21)]
+    for item in group:
+        item.hold = Reservation(budget)
+        item.hold.grow(len(item.input) + 512)  # type: ignore[arg-type]
+    await committer.commit(group)
+    await until(lambda: writer.written == 20)
+    assert read_back == []
+    assert spool.pending_input_count() == 0
+    assert budget.used == 0  # the handed-over share came back once the files were durable
+    for i in range(1, 21):
+        data = f"fresh {i}".encode()
+        assert inputs.path_for(hashlib.sha256(data).hexdigest()).read_bytes() == data
+
+
+async def test_a_refused_group_is_freed_when_its_memory_is_given_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that failed in its worker thread came back with a traceback holding the
+    group, in a reference cycle through trio's own frame: the events and their inputs lived
+    on until the garbage collector ran, after the budget had released their bytes, and the
+    daemon's RSS went up to 80 MiB past memory_budget (a stalled spool, full pressure run)."""
+    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
+
+    def locked(*args: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(spool, "append", locked)
+    committer = GroupCommitter(spool, inputs, crash_dedupe=False)
+    tracker = AckTracker()
+    gc.collect()
+    gc.disable()
+    try:
+        group = [crash_pending(bytes(1024), tracker, i) for i in range(1, 11)]
+        await committer.commit(group)
+        assert committer.failing == "spool_write_failed"
+        del group
+        await trio.lowlevel.checkpoint()  # as the committer does before readers get to run
+        alive = [o for o in gc.get_objects() if type(o) is Pending]
+    finally:
+        gc.enable()
+    assert alive == []

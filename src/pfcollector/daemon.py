@@ -90,6 +90,7 @@ class Daemon:
         self.committer = GroupCommitter(self.spool, self.inputs, crash_dedupe=config.crash_dedupe)
         self.input_writer = InputWriter(self.spool, self.inputs, self.budget)
         self.committer.on_commit(self.input_writer.notify)
+        self.committer.hand_inputs_to(self.input_writer)  # no read-back of fresh inputs
         self.access = Access.of(config.admins)  # who may tune, flush, see everything
         self.policy = BatchPolicy(config.batch_size, config.batch_bytes, config.flush_interval)
         self.server = Server(

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 
 import trio
 
+from . import threads
 from .bugs import DedupeMode, crash_key, dedupe_mode
 from .events import Event, Kind
 from .idcheck import ID_CONFLICT, ID_CONFLICT_MESSAGE
 from .inputs import InputStore
-from .membudget import MemoryBudget, Reservation
+from .inputwriter import InputWriter
+from .membudget import Reservation
 from .spool import Spool
 
 __all__ = [
@@ -147,6 +149,12 @@ class GroupCommitter:
         self.groups = 0
         self.committed = 0
         self._listeners: list[Callable[[], None]] = []
+        self._take_inputs: Callable[[list[tuple[str, bytes]], Reservation | None], None] | None
+        self._take_inputs = None
+
+    def hand_inputs_to(self, writer: InputWriter) -> None:
+        """After each commit, give ``writer`` the inputs just journalled, with their memory."""
+        self._take_inputs = writer.take
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (in the trio thread) after every commit that stored something."""
@@ -174,12 +182,15 @@ class GroupCommitter:
         """Write one group durably, then settle every event in it."""
         try:
             # Not cancellable: a commit that started finishes, so its acks are true.
-            results = await trio.to_thread.run_sync(self._write, group)
+            # Without the worker's traceback: it would keep the group alive (threads.py).
+            results, blobs = await threads.run_sync(self._write, group)
         except (OSError, sqlite3.Error) as exc:  # the disk, not the producer, failed
             failure = _write_failure(exc)
             if self.failing is None:  # one line per outage, not one per group
+                # The text, not the exception: a record kept by a handler would keep its
+                # traceback, and with it this group.
                 log.error("spool write failed (%s): %s; events are refused until it recovers",
-                          failure[0], exc)  # fmt: skip
+                          failure[0], str(exc))  # fmt: skip
             self.failing = failure[0]
             for item in group:
                 item.tracker.settle(item.seq, failure, item.event.kind)
@@ -196,18 +207,32 @@ class GroupCommitter:
         elif not refused and self.full:
             log.info("spool has room again")
         self.full = bool(refused)
-        for item, result in zip(group, results, strict=True):
+        handed: list[tuple[str, bytes]] = []
+        hold: Reservation | None = None
+        for item, result, new in zip(group, results, blobs, strict=True):
             if result is None:
                 self.committed += 1
                 item.tracker.settle(item.seq, None)
+                if new and self._take_inputs is not None:  # journalled: the writer keeps them
+                    handed.extend(new)
+                    if item.hold is not None:
+                        moved = item.hold.split(sum(len(data) for _, data in new))
+                        if hold is None:
+                            hold = moved
+                        else:
+                            hold.absorb(moved)
             else:
                 error = (result, _REFUSALS.get(result, result))
                 item.tracker.settle(item.seq, error, item.event.kind)
         _release(group)
+        if handed and self._take_inputs is not None:
+            self._take_inputs(handed, hold)
         for callback in self._listeners:
             callback()
 
-    def _write(self, group: list[Pending]) -> list[str | None]:
+    def _write(
+        self, group: list[Pending]
+    ) -> tuple[list[str | None], list[list[tuple[str, bytes]]]]:
         events: list[Event] = []
         sizes: list[int] = []
         keys: list[list[str] | None] = []
@@ -245,79 +270,7 @@ class GroupCommitter:
             sizes.append(size)
             keys.append(dedupe)
             blobs.append(new)
-        return self.spool.append(events, sizes, keys, blobs)
-
-
-#: How long the input writer lets newly committed inputs gather before writing their files.
-GATHER_INPUTS_S = 0.05
-
-
-class InputWriter:
-    """Writes the inputs the group commit journaled in the spool into their files.
-
-    Off the ack path: a crash is acknowledged once its bytes are committed in the spool; this
-    task turns them into durable content-addressed files in batches (parallel fsyncs), then
-    drops them from the spool. It starts with whatever a previous run left.
-
-    Error handling:
-        A write that fails (a full disk) is logged once and retried with a backoff; the bytes
-        stay in the spool meanwhile, so nothing is lost.
-    """
-
-    def __init__(
-        self, spool: Spool, inputs: InputStore, budget: MemoryBudget | None = None
-    ) -> None:
-        self.spool = spool
-        self.inputs = inputs
-        self.written = 0
-        self._wake = trio.Event()
-        # A batch holds an eighth of the memory budget at most (one input past it).
-        self._batch = Reservation(budget or MemoryBudget())
-        self._batch_bytes = max(1, self._batch.budget.capacity // 8)
-
-    def notify(self) -> None:
-        """New inputs were committed."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Write batches until cancelled."""
-        backoff = 0.0
-        while True:
-            try:
-                sizes = await trio.to_thread.run_sync(
-                    self.spool.pending_input_sizes, self._batch_bytes
-                )
-                # Reserved before anything is read (SQLite's own buffer for the blob it reads
-                # is in the share the daemon sets aside for SQLite's copies at start).
-                await self._batch.ensure(sum(size for _, size in sizes))
-                batch = await trio.to_thread.run_sync(
-                    self.spool.read_inputs, [sha for sha, _ in sizes]
-                )
-                self._batch.shrink(sum(len(data) for _, data in batch))
-                if not batch:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    # Let a few commits' inputs gather: one syncfs and one DELETE for them all
-                    # instead of one per commit (the bytes are durable in the spool meanwhile).
-                    await trio.sleep(GATHER_INPUTS_S)
-                    continue
-                await trio.to_thread.run_sync(self.inputs.write, batch)
-                await trio.to_thread.run_sync(self.spool.drop_inputs, [sha for sha, _ in batch])
-                written, batch = len(batch), []
-                self._batch.release()
-            except (OSError, sqlite3.Error) as exc:  # a full disk: files or spool
-                batch = []
-                self._batch.release()
-                if not backoff:
-                    log.error("cannot write crash input files (%s); their bytes stay in the "
-                              "spool and are written when it works", exc)  # fmt: skip
-                backoff = min(max(backoff * 2, 0.5), 30.0)
-                await trio.sleep(backoff)
-                continue
-            if backoff:
-                log.warning("crash input files are written again")
-                backoff = 0.0
-            self.written += written
+        return self.spool.append(events, sizes, keys, blobs), blobs
 
 
 def _release(group: list[Pending]) -> None:

@@ -194,6 +194,13 @@ class Reservation:
         self.budget.force(nbytes - moved)
         return Reservation(self.budget, nbytes)
 
+    def absorb(self, other: Reservation) -> None:
+        """Take over what ``other`` holds (of the same budget); ``other`` holds nothing after."""
+        if other.budget is not self.budget:
+            raise ValueError("a reservation can only absorb one of the same memory budget")
+        self.held += other.held
+        other.held = 0
+
     def release(self) -> None:
         """Give everything back (idempotent)."""
         held, self.held = self.held, 0
