@@ -147,8 +147,12 @@ async def test_fresh_inputs_are_written_from_memory_not_read_back(
     committer.hand_inputs_to(writer)
     read_back: list[str] = []
     real_read = Spool.read_inputs
-    monkeypatch.setattr(Spool, "read_inputs",
-                        lambda self, shas: read_back.extend(shas) or real_read(self, shas))  # fmt: skip
+
+    def recording(self: Spool, shas: list[str]) -> list[tuple[str, bytes]]:
+        read_back.extend(shas)
+        return real_read(self, shas)
+
+    monkeypatch.setattr(Spool, "read_inputs", recording)
     nursery.start_soon(writer.run)
     tracker = AckTracker()
     group = [crash_pending(f"fresh {i}".encode(), tracker, i) for i in range(1, 21)]

@@ -160,3 +160,91 @@ async def test_live_daemon(local_daemon: Daemon, tmp_path: Path) -> None:
     assert crash.fields["hash"] == hashlib.sha256(b"leaky").hexdigest()
     cov = next(e for e in events if e.kind is Kind.COVERAGE)
     assert cov.fields["edges"] == 125 and cov.fields["exec_count"] == 1048576
+
+
+# -- the log's report goes with its artifact (issue 16) ---------------------------------------
+
+REPORTS = Path(__file__).parent / "data" / "reports"
+
+
+def test_the_log_report_goes_with_its_artifact(tmp_path: Path) -> None:
+    """A real report (tests/data/reports, captured from tests/targets) in a fuzzing log, as
+    libFuzzer writes it: status lines, the report, then ``Test unit written to``. The crash
+    carries the report, and the daemon's parser buckets it as the fixture says."""
+    import json
+
+    from pfcollector.report import parse
+
+    expected = json.loads((REPORTS / "expected.json").read_text())
+    arts, log = tmp_path / "arts", tmp_path / "fuzz.log"
+    arts.mkdir()
+    report = (REPORTS / "libfuzzer-heap-buffer-overflow.txt").read_text()
+    leak = (REPORTS / "asan-leak.txt").read_text()
+    written = "artifact_prefix='./arts/'; Test unit written to ./arts/"
+    log.write_text(LOG + report + "MS: 1 ChangeBit-; base unit: 0\n0x68,0x78,\nhx\n"
+                   f"{written}crash-aa11\nBase64: aHg=\n" + LOG + leak +
+                   f"{written}leak-bb22\n")  # fmt: skip
+    (arts / "crash-aa11").write_bytes(b"hx")
+    (arts / "leak-bb22").write_bytes(b"lx")
+    (arts / "crash-cc33").write_bytes(b"no report")  # its line never came
+    sink = FakeSink()
+    LibFuzzerWatcher(arts, sink, StateFile(tmp_path / "s.json", arts), log, settle=0.0).scan()
+    crashes = {s[2]["output"].split("\n", 1)[0]: s[2] for s in sink.sent if s[1] == "crash"}
+    hbo = crashes["libFuzzer artifact crash-aa11"]
+    assert hbo["stack_trace"].startswith("=================")
+    assert "read_past_heap" in hbo["stack_trace"] and "Test unit" not in hbo["output"]
+    assert parse(hbo["output"], hbo["stack_trace"]).signature == expected[
+        "libfuzzer-heap-buffer-overflow"]  # fmt: skip
+    assert "INITED" not in hbo["output"]  # only the lines after the last status line
+    leaky = crashes["libFuzzer artifact leak-bb22"]
+    assert parse(leaky["output"], leaky["stack_trace"]).signature == expected["asan-leak"]
+    assert "stack_trace" not in crashes["libFuzzer artifact crash-cc33"]
+
+
+def test_a_report_is_kept_until_its_artifact_settles(tmp_path: Path) -> None:
+    """The log may name an artifact before it is old enough to send (``settle``): the report
+    waits in the state, across a restart of the watcher."""
+    arts, log, state = tmp_path / "arts", tmp_path / "fuzz.log", tmp_path / "s.json"
+    arts.mkdir()
+    report = (REPORTS / "libfuzzer-deadly-signal.txt").read_text()
+    log.write_text(report + "Test unit written to ./crash-dd44\n")
+    (arts / "crash-dd44").write_bytes(b"kx")
+    first = FakeSink()
+    LibFuzzerWatcher(arts, first, StateFile(state, arts), log, settle=60).scan()
+    assert not [s for s in first.sent if s[1] == "crash"]
+    old = time.time() - 120
+    os.utime(arts / "crash-dd44", (old, old))
+    second = FakeSink()
+    LibFuzzerWatcher(arts, second, StateFile(state, arts), log, settle=60).scan()
+    (crash,) = [s[2] for s in second.sent if s[1] == "crash"]
+    assert "AddressSanitizer: SEGV" in crash["stack_trace"]
+
+
+def test_a_real_libfuzzer_run_reports_its_bug(tmp_path: Path) -> None:
+    """libFuzzer built by clang from tests/targets/bugs.c finds the heap overflow in its seed
+    corpus, writes the artifact and its log; the watcher's crash parses to the bug's
+    signature (the same as a reproduced run's)."""
+    import json
+    import subprocess
+
+    from pfcollector.report import parse
+    from tests.conftest import require_tool
+    from tests.sanitizer_targets import SANITIZER_ENV, build
+
+    require_tool("clang")
+    built = build(tmp_path, ("fuzzer",))
+    corpus, arts, log = tmp_path / "corpus", tmp_path / "arts", tmp_path / "fuzz.log"
+    corpus.mkdir()
+    arts.mkdir()
+    (corpus / "seed").write_bytes(b"hx")
+    with log.open("wb") as f:
+        subprocess.run([str(built["fuzzer"]), f"-artifact_prefix={arts}/", "-runs=100",
+                        str(corpus)], stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path,
+                       env={**os.environ, **SANITIZER_ENV}, timeout=120, check=False)  # fmt: skip
+    assert "Test unit written to" in log.read_text(errors="replace")
+    sink = FakeSink()
+    LibFuzzerWatcher(arts, sink, StateFile(tmp_path / "s.json", arts), log, settle=0.0).scan()
+    (crash,) = [s[2] for s in sink.sent if s[1] == "crash"]
+    expected = json.loads((REPORTS / "expected.json").read_text())
+    assert parse(crash["output"], crash["stack_trace"]).signature == expected[
+        "libfuzzer-heap-buffer-overflow"]  # fmt: skip

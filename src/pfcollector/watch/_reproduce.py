@@ -45,6 +45,7 @@ from typing import Any
 from ..report import parse
 
 __all__ = [
+    "ATTACHED_MAX",
     "OUTPUT_FILE_MAX",
     "Limits",
     "ReproduceRefused",
@@ -57,7 +58,7 @@ log = logging.getLogger("pfcollector.watch.reproduce")
 #: Most bytes of output a target may write (RLIMIT_FSIZE on its output file).
 OUTPUT_FILE_MAX = 8 * 1024 * 1024
 #: Characters of report and output attached to a crash (the protocol truncates at 64 KiB).
-_ATTACHED_MAX = 60 * 1024
+ATTACHED_MAX = 60 * 1024
 #: afl-fuzz's options that take an argument (its getopt string, AFL++ 4).
 _AFL_ARG_OPTIONS = frozenset("bBceEifFgGlLmMopsStTVx")
 _STATS_MAX = 1024 * 1024  # a fuzzer_stats file is a few KiB
@@ -297,7 +298,7 @@ def _read(path: Path) -> str:
 
 
 def _not_reproduced(why: str, text: str) -> dict[str, Any]:
-    return {"output": f"not reproduced: {why}\n{text[-_ATTACHED_MAX:]}".rstrip(),
+    return {"output": f"not reproduced: {why}\n{text[-ATTACHED_MAX:]}".rstrip(),
             "stack_trace": ""}  # fmt: skip
 
 
@@ -306,18 +307,18 @@ def _fields(outcome: str, crashed: bool | None, text: str) -> dict[str, Any]:
     report = parse(text) if crashed is not None else None
     if report is None or (report.signature is None and not crashed):
         return _not_reproduced(outcome, text)
-    tail = text[-_ATTACHED_MAX:]
+    tail = text[-ATTACHED_MAX:]
     if report.signature is None:
         return {"output": f"reproduced: {outcome}, no sanitizer report\n{tail}".rstrip(),
                 "stack_trace": ""}  # fmt: skip
-    start = _report_start(text)
+    start = report_start(text)
     return {
         "output": f"reproduced: {outcome}: {report.crash_type}\n{tail}".rstrip(),
-        "stack_trace": text[start : start + _ATTACHED_MAX],
+        "stack_trace": text[start : start + ATTACHED_MAX],
     }
 
 
-def _report_start(text: str) -> int:
+def report_start(text: str) -> int:
     """Where the report begins: its ``=====`` rule or first line, else the output's start."""
     for marker in ("=================", "ERROR: ", "WARNING: ", "runtime error: ", "Assertion `"):
         at = text.find(marker)
