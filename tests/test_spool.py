@@ -139,3 +139,22 @@ def test_forgotten_rows_are_not_overwritten_with_zeros(tmp_path: Path) -> None:
     finally:
         spool.close()
     assert mode == 2  # FAST
+
+
+def test_forgetting_commits_without_its_own_fsync_and_puts_full_back(tmp_path: Path) -> None:
+    """Dropping journalled inputs and delivered rows commits with synchronous=NORMAL (a lost
+    forget costs a rewrite or a resend, never an event: journal.py); the group commit after
+    it is FULL again, also when the forgetting transaction failed."""
+    spool = Spool(tmp_path / "s.db")
+    try:
+        seen: list[int] = []
+        with spool._lock, spool._forgetting() as db:
+            seen.append(db.execute("PRAGMA synchronous").fetchone()[0])
+        assert seen == [1]  # NORMAL
+        assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        with pytest.raises(RuntimeError), spool._lock, spool._forgetting():
+            raise RuntimeError("a failed forget")
+        assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert not spool._db.in_transaction
+    finally:
+        spool.close()

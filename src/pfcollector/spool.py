@@ -38,6 +38,7 @@ from .deadletters import EVENT_COLUMNS as _COLUMNS
 from .deadletters import DeadLetters
 from .deadletters import rollback as _rollback
 from .events import DURABLE_KINDS, Event, Kind
+from .journal import InputJournal
 
 __all__ = ["COUNTERS", "Spool", "SpoolCorrupt", "Spooled", "check_spool", "open_spool"]
 
@@ -131,7 +132,7 @@ class Spooled:
     wire_size: int = 0
 
 
-class Spool(DeadLetters):
+class Spool(DeadLetters, InputJournal):
     """The durable store. Every method is blocking and thread-safe; call from a worker thread.
 
     Listing and requeueing dead letters: :class:`~pfcollector.deadletters.DeadLetters`.
@@ -393,31 +394,29 @@ class Spool(DeadLetters):
         delta: Counter[tuple[str, str]] = Counter()
         removed = 0
         with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
             try:
-                if failures is not None:
-                    now = time.time_ns()
-                    db.executemany(
-                        "INSERT OR REPLACE INTO dead_letters "
-                        f"({_COLUMNS}, status, error, failed_ns) "
-                        f"SELECT {_DEAD_COLUMNS}, ?, ?, ? FROM events WHERE id = ?",
-                        [(status, error, now, id_) for id_, status, error in failures],
-                    )
-                for start in range(0, len(ids), _CHUNK):
-                    chunk = ids[start : start + _CHUNK]
-                    marks = ",".join("?" * len(chunk))
-                    for kind, size in db.execute(
-                        f"DELETE FROM events WHERE id IN ({marks}) RETURNING kind, size", chunk
-                    ).fetchall():
-                        self._count[kind] -= 1
-                        self._bytes[kind] -= size
-                        delta[kind, counter] += 1
-                        removed += 1
-                self._bump(delta)
-                db.execute("COMMIT")
+                with self._forgetting() as db:  # lost, it is delivered again (journal.py)
+                    if failures is not None:
+                        now = time.time_ns()
+                        db.executemany(
+                            "INSERT OR REPLACE INTO dead_letters "
+                            f"({_COLUMNS}, status, error, failed_ns) "
+                            f"SELECT {_DEAD_COLUMNS}, ?, ?, ? FROM events WHERE id = ?",
+                            [(status, error, now, id_) for id_, status, error in failures],
+                        )
+                    for start in range(0, len(ids), _CHUNK):
+                        chunk = ids[start : start + _CHUNK]
+                        marks = ",".join("?" * len(chunk))
+                        for kind, size in db.execute(
+                            f"DELETE FROM events WHERE id IN ({marks}) RETURNING kind, size",
+                            chunk,
+                        ).fetchall():
+                            self._count[kind] -= 1
+                            self._bytes[kind] -= size
+                            delta[kind, counter] += 1
+                            removed += 1
+                    self._bump(delta)
             except BaseException:
-                _rollback(db)
                 self._reload_totals()
                 raise
         return removed
@@ -425,73 +424,17 @@ class Spool(DeadLetters):
     def note_retry(self, ids: Sequence[str]) -> None:
         """Count one more failed delivery round for these events."""
         delta: Counter[tuple[str, str]] = Counter()
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for start in range(0, len(ids), _CHUNK):
-                    chunk = list(ids[start : start + _CHUNK])
-                    marks = ",".join("?" * len(chunk))
-                    for (kind,) in db.execute(
-                        f"UPDATE events SET attempts = attempts + 1 WHERE id IN ({marks}) "
-                        "RETURNING kind",
-                        chunk,
-                    ).fetchall():
-                        delta[kind, "retried"] += 1
-                self._bump(delta)
-                db.execute("COMMIT")
-            except BaseException:
-                _rollback(db)
-                raise
-
-    # -- inputs waiting for their file ------------------------------------------------------
-
-    def pending_input_sizes(self, max_bytes: int = 32 * 1024 * 1024) -> list[tuple[str, int]]:
-        """``(sha256, size)`` of inputs whose file is not durable yet, up to about ``max_bytes``
-        (at least one). Reads no blob: the caller reserves memory before :meth:`read_inputs`."""
-        out: list[tuple[str, int]] = []
-        total = 0
-        with self._lock:
-            for sha256, size in self._db.execute(
-                "SELECT sha256, length(data) FROM pending_inputs"
-            ):
-                out.append((sha256, size))
-                total += size
-                if total >= max_bytes:
-                    break
-        return out
-
-    def read_inputs(self, shas: Sequence[str]) -> list[tuple[str, bytes]]:
-        """The bytes of these pending inputs (those still pending), one blob at a time."""
-        out: list[tuple[str, bytes]] = []
-        with self._lock:
-            for sha256 in shas:
-                row = self._db.execute(
-                    "SELECT data FROM pending_inputs WHERE sha256 = ?", (sha256,)
-                ).fetchone()
-                if row is not None:
-                    out.append((sha256, row[0]))
-        return out
-
-    def drop_inputs(self, shas: Sequence[str]) -> None:
-        """Forget inputs whose files are now durable (one transaction: one fsync, not N)."""
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(
-                    "DELETE FROM pending_inputs WHERE sha256 = ?", [(sha,) for sha in shas]
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                _rollback(db)
-                raise
-
-    def pending_input_count(self) -> int:
-        """How many inputs wait for their file."""
-        with self._lock:
-            (n,) = self._db.execute("SELECT COUNT(*) FROM pending_inputs").fetchone()
-        return int(n)
+        with self._lock, self._forgetting() as db:  # a lost count is no lost event
+            for start in range(0, len(ids), _CHUNK):
+                chunk = list(ids[start : start + _CHUNK])
+                marks = ",".join("?" * len(chunk))
+                for (kind,) in db.execute(
+                    f"UPDATE events SET attempts = attempts + 1 WHERE id IN ({marks}) "
+                    "RETURNING kind",
+                    chunk,
+                ).fetchall():
+                    delta[kind, "retried"] += 1
+            self._bump(delta)
 
     # -- status --------------------------------------------------------------------------
 
