@@ -73,11 +73,24 @@ async def test_bytes_left_by_a_dead_daemon_are_written_at_start(tmp_path: Path) 
     assert inputs.path_for(hashlib.sha256(b"orphan").hexdigest()).read_bytes() == b"orphan"
 
 
+@pytest.mark.parametrize("handed", [False, True], ids=["from-journal", "handed-over"])
 async def test_a_failing_disk_keeps_the_bytes_until_it_works(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+    handed: bool,
 ) -> None:
     spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
-    await GroupCommitter(spool, inputs).commit([crash_pending(b"precious", AckTracker(), 1)])
+    budget = MemoryBudget(64 * 1024 * 1024)
+    writer = InputWriter(spool, inputs, budget)
+    committer = GroupCommitter(spool, inputs)
+    if handed:  # the bytes in memory go when the write fails; the journal still has them
+        committer.hand_inputs_to(writer)
+    item = crash_pending(b"precious", AckTracker(), 1)
+    item.hold = Reservation(budget)
+    item.hold.grow(512 + 8)
+    await committer.commit([item])
+    assert writer.handed == int(handed)
     real_write = InputStore.write
     failures = {"left": 3}
 
@@ -89,13 +102,14 @@ async def test_a_failing_disk_keeps_the_bytes_until_it_works(
 
     monkeypatch.setattr(InputStore, "write", flaky)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(InputWriter(spool, inputs).run)
+        nursery.start_soon(writer.run)
         await trio.sleep(1.0)
         assert spool.pending_input_count() == 1  # still journaled while the disk fails
         await until(lambda: spool.pending_input_count() == 0, 60)
         nursery.cancel_scope.cancel()
     assert inputs.path_for(hashlib.sha256(b"precious").hexdigest()).read_bytes() == b"precious"
     assert not list((tmp_path / "inputs").glob("*/*.tmp"))
+    assert budget.used == 0  # nothing held after the failures
 
 
 async def test_a_file_renamed_but_not_synced_is_synced_before_the_bytes_go(
@@ -145,7 +159,8 @@ async def test_fresh_inputs_are_written_from_memory_not_read_back(
     writer = InputWriter(spool, inputs, budget)
     committer.on_commit(writer.notify)
     committer.hand_inputs_to(writer)
-    read_back: list[str] = []
+    read_back: list[str] = []  # the writer starts after the commit: its first look at the
+    # journal (for a previous run's inputs) finds only what was handed over, and reads none
     real_read = Spool.read_inputs
 
     def recording(self: Spool, shas: list[str]) -> list[tuple[str, bytes]]:
@@ -153,13 +168,13 @@ async def test_fresh_inputs_are_written_from_memory_not_read_back(
         return real_read(self, shas)
 
     monkeypatch.setattr(Spool, "read_inputs", recording)
-    nursery.start_soon(writer.run)
     tracker = AckTracker()
     group = [crash_pending(f"fresh {i}".encode(), tracker, i) for i in range(1, 21)]
     for item in group:
         item.hold = Reservation(budget)
         item.hold.grow(len(item.input) + 512)  # type: ignore[arg-type]
     await committer.commit(group)
+    nursery.start_soon(writer.run)
     await until(lambda: writer.written == 20)
     assert read_back == []
     assert spool.pending_input_count() == 0
@@ -196,3 +211,33 @@ async def test_a_refused_group_is_freed_when_its_memory_is_given_back(
     finally:
         gc.enable()
     assert alive == []
+
+
+async def test_inputs_past_the_writers_share_wait_in_the_journal(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The writer keeps handed-over bytes up to an eighth of the budget; commits past that
+    give their bytes back at once (the journal has them) and the writer reads those back
+    later: every input reaches its file, and the budget ends where it started."""
+    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
+    budget = MemoryBudget(16 * 1024 * 1024)  # the writer keeps 2 MiB at most
+    committer = GroupCommitter(spool, inputs, crash_dedupe=False)
+    writer = InputWriter(spool, inputs, budget)
+    committer.on_commit(writer.notify)
+    committer.hand_inputs_to(writer)
+    tracker = AckTracker()
+    datas = [bytes([i]) * (900 * 1024) for i in range(1, 6)]
+    for seq, data in enumerate(datas, start=1):  # five commits before the writer runs
+        item = crash_pending(data, tracker, seq)
+        item.hold = Reservation(budget)
+        item.hold.grow(len(data) + 512)
+        await committer.commit([item])
+    assert writer.handed == 2  # 1.8 MiB kept; the other three wait in the journal
+    assert budget.used == 2 * 900 * 1024  # what the writer keeps, and nothing else
+    assert spool.pending_input_count() == 5
+    nursery.start_soon(writer.run)
+    await until(lambda: writer.written == 5)
+    assert spool.pending_input_count() == 0
+    assert budget.used == 0
+    for data in datas:
+        assert inputs.path_for(hashlib.sha256(data).hexdigest()).read_bytes() == data

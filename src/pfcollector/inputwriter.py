@@ -13,8 +13,9 @@ Where the bytes come from:
   input: SQLite's buffer and Python's). The writer keeps at most an eighth of the budget this
   way; past it the commit lets go of them and they wait in the journal;
 * **the journal** (:meth:`pfcollector.spool.Spool.pending_input_sizes`): whatever a previous
-  run left, and inputs the writer did not keep. Read when nothing handed over is waiting,
-  with the memory reserved before the read.
+  run left, inputs the writer did not keep, and those whose write failed. Read first while it
+  has any that are not handed over (so a queue that never empties cannot starve them), with the
+  memory reserved before the read.
 
 Error handling:
     A write that fails (a full disk) is logged once and retried with a backoff; the bytes stay
@@ -63,6 +64,10 @@ class InputWriter:
         self._queue: Batch = []
         self._queued_bytes = 0
         self._queue_hold = Reservation(self._budget)
+        # The journal may hold inputs nobody handed over (a previous run's, ones past the
+        # writer's share, ones whose write failed): read it before the queue until it has none,
+        # so they are not starved by a queue that never empties.
+        self._behind = True
 
     def notify(self) -> None:
         """New inputs were committed (in the journal)."""
@@ -78,6 +83,7 @@ class InputWriter:
         if self._queue and self._queued_bytes + nbytes > self._batch_bytes:
             if hold is not None:
                 hold.release()
+            self._behind = True
             self._wake.set()
             return
         self._queue.extend(items)
@@ -95,12 +101,14 @@ class InputWriter:
         while True:
             hold: Reservation | None = None
             try:
-                if self._queue:
+                batch: Batch = []
+                if self._behind or not self._queue:
+                    batch, hold = await self._from_journal()
+                    self._behind = bool(batch)
+                if not batch and self._queue:
                     batch, hold = self._queue, self._queue_hold
                     self._queue, self._queued_bytes = [], 0
                     self._queue_hold = Reservation(self._budget)
-                else:
-                    batch, hold = await self._from_journal()
                 if not batch:
                     await self._wake.wait()
                     self._wake = trio.Event()
@@ -113,6 +121,7 @@ class InputWriter:
                 written, batch = len(batch), []
             except (OSError, sqlite3.Error) as exc:  # a full disk: files or spool
                 batch = []
+                self._behind = True  # what was in memory is let go: the journal has it
                 if not backoff:
                     log.error("cannot write crash input files (%s); their bytes stay in the "
                               "spool and are written when it works", str(exc))  # fmt: skip
