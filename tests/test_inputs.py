@@ -241,3 +241,45 @@ async def test_inputs_past_the_writers_share_wait_in_the_journal(
     assert budget.used == 0
     for data in datas:
         assert inputs.path_for(hashlib.sha256(data).hexdigest()).read_bytes() == data
+
+
+async def test_the_writer_never_waits_for_memory_while_it_holds_its_queue(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Inputs in the journal, a queue handed over, and the rest of the budget held by readers
+    that wait for more: the writer writes its queue (giving its memory back) instead of
+    waiting for room to read the journal. A writer that waited there while holding its queue
+    deadlocked the quick pressure run in CI."""
+    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
+    budget = MemoryBudget(16 * 1024 * 1024)
+    left = [bytes([i]) * (1024 * 1024) for i in range(1, 4)]  # a previous run's, in the journal
+    await GroupCommitter(spool, inputs).commit(
+        [crash_pending(data, AckTracker(), i) for i, data in enumerate(left, start=1)]
+    )
+    writer = InputWriter(spool, inputs, budget)
+    committer = GroupCommitter(spool, inputs)
+    committer.hand_inputs_to(writer)
+    fresh = crash_pending(b"\xff" * (1024 * 1024), AckTracker(), 9)
+    fresh.hold = Reservation(budget)
+    fresh.hold.grow(1024 * 1024 + 512)
+    await committer.commit([fresh])
+    assert writer.handed == 1
+    readers = Reservation(budget)
+    readers.grow(budget.capacity - budget.used)  # everything else is held...
+    reader_got_room = trio.Event()
+
+    async def reader() -> None:  # ...by readers waiting for one more frame
+        await readers.ensure(readers.held + 1024 * 1024)
+        reader_got_room.set()
+
+    nursery.start_soon(reader)
+    nursery.start_soon(writer.run)
+    with trio.fail_after(30):
+        await reader_got_room.wait()  # the writer wrote its queue and gave its memory back
+        await until(lambda: writer.written >= 1)
+    path = inputs.path_for(hashlib.sha256(fresh.input).hexdigest())  # type: ignore[arg-type]
+    assert path.exists()
+    readers.release()  # now the journal's inputs find room too
+    with trio.fail_after(30):
+        await until(lambda: spool.pending_input_count() == 0)
+    assert budget.used == 0

@@ -68,6 +68,7 @@ class InputWriter:
         # writer's share, ones whose write failed): read it before the queue until it has none,
         # so they are not starved by a queue that never empties.
         self._behind = True
+        self._waiting = False  # waiting for memory to read the journal (see _from_journal)
 
     def notify(self) -> None:
         """New inputs were committed (in the journal)."""
@@ -80,7 +81,7 @@ class InputWriter:
         writer already keeps its eighth: those wait in the journal instead).
         """
         nbytes = sum(len(data) for _, data in items)
-        if self._queue and self._queued_bytes + nbytes > self._batch_bytes:
+        if self._waiting or (self._queue and self._queued_bytes + nbytes > self._batch_bytes):
             if hold is not None:
                 hold.release()
             self._behind = True
@@ -103,8 +104,11 @@ class InputWriter:
             try:
                 batch: Batch = []
                 if self._behind or not self._queue:
-                    batch, hold = await self._from_journal()
-                    self._behind = bool(batch)
+                    hold = self._read
+                    got = await self._from_journal()
+                    if got is not None:  # None: no memory now; the queue first, then again
+                        batch = got
+                        self._behind = bool(got)
                 if not batch and self._queue:
                     batch, hold = self._queue, self._queue_hold
                     self._queue, self._queued_bytes = [], 0
@@ -136,16 +140,30 @@ class InputWriter:
                 backoff = 0.0
             self.written += written
 
-    async def _from_journal(self) -> tuple[Batch, Reservation]:
-        """Inputs waiting in the journal that nobody handed over, up to a batch."""
+    async def _from_journal(self) -> Batch | None:
+        """Inputs waiting in the journal that nobody handed over, up to a batch; None when
+        their memory is not free now and the writer has a queue to write first.
+
+        The writer waits for memory only holding none: with a queue of its own it does not
+        wait (the readers its queue keeps waiting could be what it waits for), and while it
+        waits, :meth:`take` leaves new inputs in the journal.
+        """
         sizes = await trio.to_thread.run_sync(self.spool.pending_input_sizes, self._batch_bytes)
         queued = {sha for sha, _ in self._queue}  # handed over while the sizes were read
         sizes = [(sha, size) for sha, size in sizes if sha not in queued]
+        if not sizes:
+            return []
         # Reserved before anything is read (SQLite's own buffer for the blob it reads is in
         # the share the daemon sets aside for SQLite's copies at start).
-        await self._read.ensure(sum(size for _, size in sizes))
-        batch: Batch = []
-        if sizes:
-            batch = await threads.run_sync(self.spool.read_inputs, [sha for sha, _ in sizes])
+        need = sum(size for _, size in sizes)
+        if not self._read.try_ensure(need):
+            if self._queue:
+                return None
+            self._waiting = True
+            try:
+                await self._read.ensure(need)
+            finally:
+                self._waiting = False
+        batch = await threads.run_sync(self.spool.read_inputs, [sha for sha, _ in sizes])
         self._read.shrink(sum(len(data) for _, data in batch))
-        return batch, self._read
+        return batch

@@ -175,6 +175,16 @@ class Reservation:
             await self.budget.acquire(more)
             self.held += more
 
+    def try_ensure(self, nbytes: int) -> bool:
+        """Hold at least ``nbytes`` if the difference is free now; never waits."""
+        more = min(nbytes, max(self.budget.capacity, self.held)) - self.held
+        if more <= 0:
+            return True
+        if not self.budget.try_acquire(more):
+            return False
+        self.held += more
+        return True
+
     def shrink(self, nbytes: int) -> None:
         """Hold at most ``nbytes``; give back the rest."""
         if self.held > nbytes:
