@@ -19,8 +19,10 @@ Something else optional the machine may lack (a tmpfs mount in an unprivileged c
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -163,3 +165,24 @@ def make_event(kind: Kind = Kind.COVERAGE, job_id: str = "job-1", **fields: Any)
         timestamp_ns=1_700_000_000_000_000_000,
         fields={**defaults.get(kind, {"message": ""}), **fields},
     )
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Put the root logger's handlers and level back after a test that configures logging
+    (the CLI's commands do): ``pytestmark = pytest.mark.usefixtures("restore_logging")``."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def unix_listener(path: Path | str, backlog: int, timeout: float) -> socket.socket:
+    """A listening Unix socket at ``path`` for a scripted daemon; accepts time out after
+    ``timeout`` seconds."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(backlog)
+    listener.settimeout(timeout)
+    return listener

@@ -38,7 +38,7 @@ from pfcollector.devmaster import DevMaster
 from pfcollector.outbox import decode_file
 
 from . import daemonproc
-from .conftest import require_tool
+from .conftest import require_tool, unix_listener
 from .daemonproc import serve_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -646,10 +646,7 @@ def test_daemon_refuses_then_vanishes(sender: Path, build_dir: Path, tmp_path: P
     go away: the refused crash is not retried, the later ones land in the welcome's outbox."""
     outbox = tmp_path / "welcome-outbox"
     path = build_dir / "gone.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(1)
-    listener.settimeout(20)
+    listener = unix_listener(path, 1, 20)
     seen: list[dict[str, Any]] = []
 
     def script() -> None:
@@ -731,10 +728,7 @@ def test_under_address_and_undefined_sanitizers(
 def test_crash_refused_for_now_goes_to_the_outbox(sender: Path, tmp_path: Path) -> None:
     """disk_full (and spool_full, spool_write_failed) mean "not now": the outbox keeps it."""
     path = Path(tempfile.mkdtemp(prefix="pfn")) / "pf.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(1)
-    listener.settimeout(20)
+    listener = unix_listener(path, 1, 20)
     seen: list[dict[str, Any]] = []
 
     def script() -> None:
@@ -778,10 +772,7 @@ def test_daemon_dropping_us_after_each_welcome_gets_a_few_reconnects(
     """No reconnect per call to a daemon that welcomes and hangs up: the backoff holds until
     an ack proves a connection."""
     path = Path(tempfile.mkdtemp(prefix="pfd")) / "pf.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(16)
-    listener.settimeout(0.2)
+    listener = unix_listener(path, 16, 0.2)
     accepted = 0
     stop = threading.Event()
 

@@ -10,9 +10,7 @@ that configure it.
 from __future__ import annotations
 
 import json
-import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,16 +24,9 @@ from pfcollector.protocol import Ack
 from pfcollector.statusview import format_watch, refusal_lines
 from tests.wire import RawClient, event
 
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 async def cli(*args: str) -> Result:

@@ -48,6 +48,8 @@ from pfcollector.protocol import (
     encode,
 )
 
+from .conftest import unix_listener
+
 
 class FakeDaemon:
     """A threaded daemon good enough to exercise the client."""
@@ -427,10 +429,7 @@ def test_fail_open_does_not_spin_on_a_daemon_that_drops_it(tmp_path: Path) -> No
     """A daemon that welcomes and at once closes (draining, a fatal error) is retried after a
     growing backoff: a busy harness makes a handful of connections, not one per call."""
     path = str(tmp_path / "rude.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(64)
-    listener.settimeout(0.05)
+    listener = unix_listener(path, 64, 0.05)
     accepted = 0
     stop = threading.Event()
 

@@ -9,13 +9,13 @@ watch) is restored after each case.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pfcollector.cli import run
+
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 # (argv, what the one line must contain)
 CASES: list[tuple[list[str], str]] = [
@@ -71,15 +71,6 @@ CASES: list[tuple[list[str], str]] = [
     (["dev-master", "--port", "0", "--db", "{file}/m.db"], "--db"),
     (["dev-master", "--host", "192.0.2.1", "--port", "0"], "cannot serve on 192.0.2.1"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize(("argv", "expect"), CASES, ids=[" ".join(c[0]) for c in CASES])

@@ -4,7 +4,6 @@ package pfclient
 
 import (
 	"encoding/binary"
-	"math"
 	"os"
 	"time"
 )
@@ -38,18 +37,6 @@ func (p *pending) frame(seq int64) []byte {
 	b = append(b, p.entries...)
 	binary.BigEndian.PutUint32(b, uint32(len(b)-headerSize))
 	return b
-}
-
-func appendMapHeader(b []byte, n int) []byte {
-	switch {
-	case n < 16:
-		return append(b, 0x80|byte(n))
-	case n <= math.MaxUint16:
-		return append(b, 0xde, byte(n>>8), byte(n))
-	default:
-		b = append(b, 0xdf)
-		return binary.BigEndian.AppendUint32(b, uint32(n))
-	}
 }
 
 func mapHeaderLen(b []byte) int {

@@ -187,14 +187,20 @@ func appendBin(b []byte, p []byte) []byte {
 	return append(b, p...)
 }
 
-func appendArrayHeader(b []byte, n int) []byte {
+func appendArrayHeader(b []byte, n int) []byte { return appendContainerHeader(b, n, 0x90, 0xdc) }
+
+func appendMapHeader(b []byte, n int) []byte { return appendContainerHeader(b, n, 0x80, 0xde) }
+
+// appendContainerHeader writes an array or map header: fix (n < 16), 16 or 32 bits; the 32-bit
+// code follows the 16-bit one (0xdc/0xdd arrays, 0xde/0xdf maps).
+func appendContainerHeader(b []byte, n int, fix, code16 byte) []byte {
 	switch {
 	case n < 16:
-		return append(b, 0x90|byte(n))
+		return append(b, fix|byte(n))
 	case n <= math.MaxUint16:
-		return append(b, 0xdc, byte(n>>8), byte(n))
+		return append(b, code16, byte(n>>8), byte(n))
 	default:
-		b = append(b, 0xdd)
+		b = append(b, code16+1)
 		return binary.BigEndian.AppendUint32(b, uint32(n))
 	}
 }

@@ -149,12 +149,11 @@ class GroupCommitter:
         self.groups = 0
         self.committed = 0
         self._listeners: list[Callable[[], None]] = []
-        self._take_inputs: Callable[[list[tuple[str, bytes]], Reservation | None], None] | None
-        self._take_inputs = None
+        self._writer: InputWriter | None = None
 
     def hand_inputs_to(self, writer: InputWriter) -> None:
         """After each commit, give ``writer`` the inputs just journalled, with their memory."""
-        self._take_inputs = writer.take
+        self._writer = writer
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (in the trio thread) after every commit that stored something."""
@@ -213,7 +212,7 @@ class GroupCommitter:
             if result is None:
                 self.committed += 1
                 item.tracker.settle(item.seq, None)
-                if new and self._take_inputs is not None:  # journalled: the writer keeps them
+                if new and self._writer is not None:  # journalled: the writer keeps them
                     handed.extend(new)
                     if item.hold is not None:
                         moved = item.hold.split(sum(len(data) for _, data in new))
@@ -225,8 +224,8 @@ class GroupCommitter:
                 error = (result, _REFUSALS.get(result, result))
                 item.tracker.settle(item.seq, error, item.event.kind)
         _release(group)
-        if handed and self._take_inputs is not None:
-            self._take_inputs(handed, hold)
+        if handed and self._writer is not None:
+            self._writer.take(handed, hold)
         for callback in self._listeners:
             callback()
 

@@ -37,7 +37,6 @@ import threading
 import time
 import uuid
 import weakref
-from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -54,6 +53,7 @@ from ._fallback import (
     DROPPABLE,
     RETRY_LATER,
     Fallback,
+    FallbackCounters,
     durable,
     holds_bytes,
     prune,
@@ -77,7 +77,7 @@ _CLOSE_FLUSH = 1.0  # seconds close() waits for acks in fail-open mode
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
-class Client(Connection):
+class Client(Connection, FallbackCounters):
     """A connection to the pfcollector daemon for one fuzzing job.
 
     Every method may be called from any thread; one lock serialises them.
@@ -161,16 +161,6 @@ class Client(Connection):
     def connected(self) -> bool:
         """Whether the daemon answered this connection's hello (and it is still open)."""
         return self._sock is not None and self._session.welcome is not None
-
-    @property
-    def dropped(self) -> Counter[str]:
-        """Stats and coverage events dropped from a full queue, by kind."""
-        return self._fallback.dropped
-
-    @property
-    def outboxed(self) -> int:
-        """Events this client wrote to the outbox."""
-        return self._fallback.outboxed
 
     def outbox_dir(self) -> str:
         """Where this client writes what the daemon could not acknowledge."""

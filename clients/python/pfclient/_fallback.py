@@ -29,6 +29,7 @@ __all__ = [
     "DROPPABLE",
     "RETRY_LATER",
     "Fallback",
+    "FallbackCounters",
     "durable",
     "holds_bytes",
     "prune",
@@ -147,3 +148,19 @@ def durable(pending: Pending) -> bool:
 def holds_bytes(pending: Pending) -> bool:
     """A corpus event carrying its files' bytes, which only this process holds."""
     return pending.kind == "corpus" and "contents" in pending.body
+
+
+class FallbackCounters:
+    """What a fail-open client's :class:`Fallback` counted, as the client's own properties."""
+
+    _fallback: Fallback
+
+    @property
+    def dropped(self) -> Counter[str]:
+        """Stats and coverage events dropped from a full queue, by kind (fail-open)."""
+        return self._fallback.dropped
+
+    @property
+    def outboxed(self) -> int:
+        """Events this client wrote to the outbox."""
+        return self._fallback.outboxed

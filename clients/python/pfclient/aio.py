@@ -30,13 +30,12 @@ import asyncio
 import contextlib
 import os
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Self
 
 from ._aio_open import FailOpenMixin
 from ._errors import DaemonUnavailable, EventRejected, FlushTimeout, PfClientError
-from ._fallback import DEFAULT_BUDGET, DEFAULT_QUEUE_BYTES, Fallback
+from ._fallback import DEFAULT_BUDGET, DEFAULT_QUEUE_BYTES, Fallback, FallbackCounters
 from ._session import Session, check_lifecycle
 from ._status import check_peer, trusted_uids
 from ._wire import WireError, default_socket_path
@@ -56,7 +55,7 @@ class _Call:
         self.reconnected = False
 
 
-class BaseAsyncClient(FailOpenMixin):
+class BaseAsyncClient(FailOpenMixin, FallbackCounters):
     """The event-loop-independent part of :class:`AsyncClient` and ``TrioClient``.
 
     Subclasses provide the I/O: ``_open`` (connect, check the peer, start the reader),
@@ -94,16 +93,6 @@ class BaseAsyncClient(FailOpenMixin):
     def rejected(self) -> list[EventRejected]:
         """Every rejection seen (newest last, at most :data:`pfclient.REJECTED_KEEP`)."""
         return self._session.rejected
-
-    @property
-    def dropped(self) -> Counter[str]:
-        """Stats and coverage events dropped from a full queue, by kind (fail-open)."""
-        return self._fallback.dropped
-
-    @property
-    def outboxed(self) -> int:
-        """Events this client wrote to the outbox."""
-        return self._fallback.outboxed
 
     @property
     def connected(self) -> bool:
