@@ -64,6 +64,23 @@ def test_a_spool_from_before_digests_is_migrated(tmp_path: Path) -> None:
     spool.close()
 
 
+def test_a_resend_of_an_event_stored_in_the_producers_key_order_is_a_resend(
+    tmp_path: Path,
+) -> None:
+    """Daemons before the typed fast path packed fields in the order the producer sent them;
+    now they are in schema order. A resend across that upgrade is the same event."""
+    spool = Spool(tmp_path / "s.db")
+    ev = dataclasses.replace(make_event(Kind.CRASH, type="SEGV", signal=11), id="x")
+    reordered = dataclasses.replace(ev, fields=dict(reversed(list(ev.fields.items()))))
+    assert list(reordered.fields) != list(ev.fields)
+    assert spool.append([reordered]) == [None]  # as the older daemon stored it
+    assert spool.append([ev]) == [None]  # the resend, in schema order
+    assert spool.total_count == 1
+    changed = dataclasses.replace(ev, fields={**ev.fields, "signal": 6})
+    assert spool.append([changed]) == ["id_conflict"]  # other content is still refused
+    spool.close()
+
+
 _CLIENT = r"""
 import json, socket, struct, sys
 import msgpack

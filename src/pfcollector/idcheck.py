@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 
+import msgpack
+
 from .events import Event
 
 __all__ = ["ID_CONFLICT", "ID_CONFLICT_MESSAGE", "body_digest", "conflict", "migrate"]
@@ -34,7 +36,7 @@ ID_CONFLICT_MESSAGE = (
 
 def body_digest(packed_fields: bytes) -> bytes:
     """SHA-256 of an event's fields as the producer sent them, packed as the spool stores them
-    (the producer's key order: a resend from the same client packs the same bytes)."""
+    (in schema order, whatever the producer's: :mod:`pfcollector.typed`)."""
     return hashlib.sha256(packed_fields).digest()
 
 
@@ -48,14 +50,20 @@ def migrate(db: sqlite3.Connection) -> None:
 def conflict(db: sqlite3.Connection, event: Event, digest: bytes) -> bool:
     """Is ``event``, whose id the ``events`` table already holds, a different event?
 
-    False for a true resend: same kind, job, peer uid and digest. A row stored without a
-    digest (before they were kept, or a requeued dead letter) is compared without it.
+    False for a true resend: same kind, job, peer uid and digest (or, when the digests differ,
+    the same fields in another order). A row stored without a digest (before they were kept,
+    or a requeued dead letter) is compared without it.
     """
     row = db.execute(
-        "SELECT kind, job_id, peer_uid, digest FROM events WHERE id = ?", (event.id,)
+        "SELECT kind, job_id, peer_uid, digest, body FROM events WHERE id = ?", (event.id,)
     ).fetchone()
     if row is None:
         return False  # not in the spool: nothing to conflict with
-    kind, job_id, uid, stored = row
-    same = (kind, job_id, uid) == (event.kind.value, event.job_id, event.peer_uid)
-    return not same or (stored is not None and bytes(stored) != digest)
+    kind, job_id, uid, stored, body = row
+    if (kind, job_id, uid) != (event.kind.value, event.job_id, event.peer_uid):
+        return True
+    if stored is None or bytes(stored) == digest:
+        return False
+    # Stored by a daemon that packed fields in the producer's order, not the schema's: the
+    # same fields in another order are the same event.
+    return bool(msgpack.unpackb(body, raw=False) != dict(event.fields))

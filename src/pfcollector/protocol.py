@@ -18,15 +18,27 @@ Error handling:
 
 from __future__ import annotations
 
-import math
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NoReturn, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 import msgpack
 
-from pfcollector.events import FILE_NAME_MAX, INT64_MAX, INT64_MIN, SCHEMAS, FieldSpec, Kind
+from pfcollector.checks import (
+    ID_MAX,
+    NAME_MAX,
+    Checker,
+    ErrorMsg,
+    FrameError,
+    MessageError,
+    ProtocolError,
+    SessionError,
+    describe,
+)
+from pfcollector.events import INT64_MAX, INT64_MIN, SCHEMAS, FieldSpec, Kind
+from pfcollector.typed import TS_LIMIT as _TS_LIMIT
+from pfcollector.typed import decode_event
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -57,14 +69,8 @@ PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: frozenset[int] = frozenset({1})
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 HEADER_SIZE = 4
-#: Longest ``job_id`` / ``fuzzer`` (characters).
-NAME_MAX = 256
-#: Longest event ``id`` (characters of ``[A-Za-z0-9._:-]``).
-ID_MAX = 64
-
 _HEADER = struct.Struct(">I")
 _ID_RE = re.compile(rf"[A-Za-z0-9._:-]{{1,{ID_MAX}}}")
-_CONTROL_CHAR_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _KINDS: dict[str, Kind] = {kind.value: kind for kind in Kind}
 _CORPUS = Kind.CORPUS  # a module constant: reading an enum member off its class is slow
 _SPECS: dict[Kind, tuple[FieldSpec, ...]] = dict(SCHEMAS)
@@ -86,71 +92,10 @@ _FIELDS = {
 _Shape: TypeAlias = tuple[tuple[tuple[str, Any, FieldSpec, Any, Any], ...], dict[str, Any]]
 _SHAPES: dict[tuple[Kind, tuple[str, ...]], _Shape] = {}
 _SHAPES_MAX = 4096  # orderings of the schema's names are many: past this they are not remembered
-_TS_LIMIT = INT64_MAX / 1e9
 _ENVELOPE = ("t", "seq", "kind", "id", "ts", "job_id")
 _MISSING: Any = object()
-_INT_SPECS = {name: FieldSpec(name, int) for name in ("seq", "v", "pid", "req", "max_frame")}
 # Nothing legitimate nests deeply or holds huge containers; the frame length bounds the rest.
 _MAX_CONTAINER_LEN = 4096
-_WIRE_TYPE = {
-    type(None): "nil", bool: "bool", int: "int", float: "float", str: "str", bytes: "bin",
-    list: "array", dict: "map",
-}  # fmt: skip
-_TYPE_WORD = {int: "an integer", float: "a number", str: "a string", bytes: "binary (bin)",
-              list: "an array of strings", dict: "a map"}  # fmt: skip
-
-
-class ProtocolError(Exception):
-    """Something the peer sent breaks the protocol; :attr:`code` says what, for machines.
-
-    Attributes:
-        code: A stable machine-readable code, e.g. ``"wrong_type"``.
-        message: Human-readable text naming the message, seq, kind and field involved.
-        field: The offending field's name, or ``None``.
-        seq: The offending event's ``seq``, or ``None``.
-        kind: The offending event's kind (for metrics), or ``None``.
-        fatal: Whether the daemon closes the connection after reporting it.
-    """
-
-    fatal: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        field: str | None = None,
-        seq: int | None = None,
-        kind: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field
-        self.seq = seq
-        self.kind = kind
-
-    def to_message(self) -> ErrorMsg:
-        """The ``error`` message that reports this error to the peer."""
-        return ErrorMsg(self.code, self.message, self.seq, self.field, self.fatal)
-
-
-class FrameError(ProtocolError):
-    """The byte stream cannot be framed or decoded (fatal): ``frame_too_large``, ``empty_frame``,
-    ``not_msgpack``, ``not_a_map``."""
-
-    fatal = True
-
-
-class MessageError(ProtocolError):
-    """One message is invalid; it is dropped and the connection goes on (not fatal)."""
-
-
-class SessionError(ProtocolError):
-    """Messages came in an impossible order or version (fatal): ``unsupported_version``,
-    ``no_hello``, ``hello_twice``."""
-
-    fatal = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,17 +148,6 @@ class Ack:
     """Every event of this connection with ``seq`` at most this one has been handled."""
 
     seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorMsg:
-    """The daemon reports a :class:`ProtocolError` or a refused event."""
-
-    code: str
-    message: str
-    seq: int | None = None
-    field: str | None = None
-    fatal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,109 +204,6 @@ def encode(msg: ClientMessage | ServerMessage) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def _describe(value: object) -> str:
-    """``value`` for an error message, in msgpack terms and never long: ``float 11.0``."""
-    name = _WIRE_TYPE.get(type(value), "ext")
-    if isinstance(value, str | bytes) and len(value) > 40:
-        return f"{name} of length {len(value)}"
-    if isinstance(value, list | dict):
-        return f"{name} of {len(value)} items"
-    return f"{name} {value!r}" if name != "ext" else f"ext {type(value).__name__}"
-
-
-class _Checker:
-    """Validation helpers bound to one message's context (``where``, e.g. ``crash event seq 7``)."""
-
-    __slots__ = ("kind", "label", "seq")
-
-    def __init__(self, label: str, seq: int | None = None, kind: str | None = None) -> None:
-        self.label = label
-        self.seq = seq
-        self.kind = kind
-
-    @property
-    def where(self) -> str:
-        """The message, for error texts: ``crash event seq 7``. Built only when failing."""
-        where = self.label if self.kind is None else f"{self.kind} {self.label}"
-        return where if self.seq is None else f"{where} seq {self.seq}"
-
-    def fail(self, code: str, name: str | None, text: str) -> MessageError:
-        subject = f"field '{name}' " if name is not None else ""
-        text = f"{self.where}: {subject}{text}"
-        return MessageError(code, text, field=name, seq=self.seq, kind=self.kind)
-
-    def typed(self, obj: dict[Any, Any], name: str, want: type, required: bool = True) -> Any:
-        value: Any = obj.get(name, _MISSING)
-        if value is _MISSING:
-            if required:
-                raise self.fail("missing_field", name, "is required")
-            return None
-        if type(value) is not want:
-            got = _describe(value)
-            raise self.fail("wrong_type", name, f"must be {_TYPE_WORD[want]}, got {got}")
-        if want is int:
-            return self.field(_INT_SPECS.get(name) or FieldSpec(name, int), value)
-        return value
-
-    def name(self, obj: dict[Any, Any], name: str, required: bool = True) -> str | None:
-        value: str | None = self.typed(obj, name, str, required)
-        if value is None:
-            return None
-        if len(value) > NAME_MAX:
-            raise self.fail("too_long", name, f"is {len(value)} characters, limit {NAME_MAX}")
-        if not value or _CONTROL_CHAR_RE.search(value):
-            raise self.fail("out_of_range", name, "must be non-empty without control characters")
-        return value
-
-    def no_extra(self, obj: dict[Any, Any], allowed: tuple[str, ...]) -> None:
-        for key in obj:
-            if key not in allowed:
-                raise self.fail("unknown_field", str(key), "is not part of this message")
-
-    def _in_bounds(self, spec: FieldSpec, value: float) -> Any:
-        if spec.low is not None and value < spec.low:
-            if spec.high is not None:
-                raise self.fail("out_of_range", spec.name,
-                                f"must be {spec.low}..{spec.high}, got {value}")  # fmt: skip
-            raise self.fail("out_of_range", spec.name, f"must be >= {spec.low}, got {value}")
-        if spec.high is not None and value > spec.high:
-            raise self.fail("out_of_range", spec.name,
-                            f"must be {spec.low}..{spec.high}, got {value}")  # fmt: skip
-        return value
-
-    def field(self, spec: FieldSpec, value: Any) -> Any:
-        """``value`` checked (and possibly truncated or widened) against ``spec``."""
-        want, vtype, name, limit = spec.type, type(value), spec.name, spec.max_len
-        if vtype is want or (want is float and vtype is int):
-            if want is int:
-                if not INT64_MIN <= value <= INT64_MAX:
-                    raise self.fail("out_of_range", name, f"must fit in int64, got {value}")
-                return self._in_bounds(spec, value)
-            if want is float:
-                value = float(value)
-                if not math.isfinite(value):
-                    raise self.fail("out_of_range", name, f"must be finite, got {value}")
-                return self._in_bounds(spec, value)
-            if spec.min_len and len(value.strip() if want is str else value) < spec.min_len:
-                raise self.fail("out_of_range", name, "must not be empty")
-            if limit is not None and len(value) > limit:
-                if spec.truncate:
-                    return value[:limit]
-                unit = "bytes" if want is bytes else "items" if want is list else "characters"
-                raise self.fail("too_long", name, f"is {len(value)} {unit}, limit {limit}")
-            if want is list:
-                for i, item in enumerate(value):
-                    if type(item) is not spec.item:
-                        want_item = _TYPE_WORD[spec.item]
-                        raise self.fail("wrong_type", name, f"item {i} must be {want_item}, "
-                                        f"got {_describe(item)}")  # fmt: skip
-                    if isinstance(item, str) and len(item) > FILE_NAME_MAX:
-                        raise self.fail("too_long", name, f"item {i} is {len(item)} characters, "
-                                        f"limit {FILE_NAME_MAX}")  # fmt: skip
-            return value
-        raise self.fail("wrong_type", name, f"must be {_TYPE_WORD[want]}, got {_describe(value)}")
-
-
 def _learn_shape(kind: Kind, obj: dict[Any, Any]) -> _Shape | None:
     """The :data:`_SHAPES` entry for the keys of ``obj``, or ``None`` when they are not a valid
     set for ``kind`` (a key unknown or a required one absent). Only valid shapes are remembered
@@ -396,7 +227,7 @@ def _parse_event(obj: dict[Any, Any], last_seq: int) -> EventMsg:
     """
     seq = obj.get("seq")
     if type(seq) is not int or not INT64_MIN <= seq <= INT64_MAX:
-        seq = _Checker("event").typed(obj, "seq", int)
+        seq = Checker("event").typed(obj, "seq", int)
     if seq <= last_seq:
         raise MessageError("seq_not_increasing", f"event: seq {seq} is not above the previous "
                            f"seq {last_seq}", field="seq")  # fmt: skip
@@ -404,30 +235,30 @@ def _parse_event(obj: dict[Any, Any], last_seq: int) -> EventMsg:
     kind = _KINDS.get(kind_name) if type(kind_name) is str else None
     if kind is None:
         if kind_name is None and "kind" not in obj:
-            raise _Checker("event", seq).fail("missing_field", "kind", "is required")
-        raise MessageError("unknown_kind", f"event seq {seq}: kind {_describe(kind_name)} is not "
+            raise Checker("event", seq).fail("missing_field", "kind", "is required")
+        raise MessageError("unknown_kind", f"event seq {seq}: kind {describe(kind_name)} is not "
                            f"one of {', '.join(_KINDS)}", field="kind", seq=seq)  # fmt: skip
     # kind_name == kind.value (the enum's property is slow); the checker is built only when used
     del obj["t"], obj["seq"], obj["kind"]
     event_id = obj.pop("id", None)
     if event_id is not None and (type(event_id) is not str or not _ID_RE.fullmatch(event_id)):
-        raise _Checker("event", seq, kind_name).fail(
+        raise Checker("event", seq, kind_name).fail(
             "bad_id", "id", f"must be 1..{ID_MAX} characters of [A-Za-z0-9._:-], "
-            f"got {_describe(event_id)}")  # fmt: skip
+            f"got {describe(event_id)}")  # fmt: skip
     ts_ns = None
     ts = obj.pop("ts", None)  # nil means absent, for every optional envelope key
     if ts is not None:
         if type(ts) is not int and type(ts) is not float:
-            raise _Checker("event", seq, kind_name).fail(
-                "wrong_type", "ts", f"must be a number, got {_describe(ts)}")  # fmt: skip
+            raise Checker("event", seq, kind_name).fail(
+                "wrong_type", "ts", f"must be a number, got {describe(ts)}")  # fmt: skip
         if not 0 <= ts < _TS_LIMIT:  # also refuses nan and inf
-            raise _Checker("event", seq, kind_name).fail(
+            raise Checker("event", seq, kind_name).fail(
                 "out_of_range", "ts", f"must be seconds since the epoch, got {ts}")  # fmt: skip
         ts_ns = ts * 1_000_000_000 if type(ts) is int else round(ts * 1e9)
     job_id = None
     if "job_id" in obj:
         if obj["job_id"] is not None:
-            job_id = _Checker("event", seq, kind_name).name(obj, "job_id")
+            job_id = Checker("event", seq, kind_name).name(obj, "job_id")
         del obj["job_id"]
     shape = _SHAPES.get((kind, tuple(obj))) or _learn_shape(kind, obj)
     checked = False
@@ -437,7 +268,7 @@ def _parse_event(obj: dict[Any, Any], last_seq: int) -> EventMsg:
             value = obj[name]
             if type(value) is not fast or not low <= value <= high:
                 try:
-                    new = _Checker("event", seq, kind_name).field(spec, value)
+                    new = Checker("event", seq, kind_name).field(spec, value)
                 except MessageError:
                     break  # the schema-order loop below names the first error, as always
                 if new is not value:
@@ -449,7 +280,7 @@ def _parse_event(obj: dict[Any, Any], last_seq: int) -> EventMsg:
             obj.update(shape[1])  # the absent fields' defaults, in schema order
             checked = True
     if not checked:
-        check = _Checker("event", seq, kind_name)
+        check = Checker("event", seq, kind_name)
         for name, fast, required, default, spec, low, high in _FIELDS[kind]:
             value = obj.get(name, _MISSING)
             if value is _MISSING:
@@ -460,17 +291,22 @@ def _parse_event(obj: dict[Any, Any], last_seq: int) -> EventMsg:
                 obj[name] = check.field(spec, value)
         if len(obj) != len(_FIELDS[kind]):
             check.no_extra(obj, _NAMES[kind])
-    if kind is _CORPUS and obj["contents"] is not None and len(obj["contents"]) != len(
-        obj["files"]
+    if (
+        kind is _CORPUS
+        and obj["contents"] is not None
+        and len(obj["contents"]) != len(obj["files"])
     ):
-        raise _Checker("event", seq, kind_name).fail(
+        raise Checker("event", seq, kind_name).fail(
             "out_of_range", "contents", f"has {len(obj['contents'])} items but files has "
             f"{len(obj['files'])}: one content per file")  # fmt: skip
+    names = _NAMES[kind]
+    if tuple(obj) != names:  # schema order, as the typed path gives it (typed.py)
+        obj = {name: obj[name] for name in names}
     return EventMsg(seq, kind, obj, event_id, ts_ns, job_id)
 
 
 def _parse_hello(obj: dict[Any, Any]) -> Hello:
-    check = _Checker("hello")
+    check = Checker("hello")
     check.no_extra(obj, ("t", "v", "job_id", "fuzzer", "pid"))
     version = check.typed(obj, "v", int)
     if version not in SUPPORTED_VERSIONS:
@@ -487,7 +323,7 @@ def _parse_hello(obj: dict[Any, Any]) -> Hello:
 
 
 def _parse_control(obj: dict[Any, Any]) -> Control:
-    check = _Checker("control")
+    check = Checker("control")
     check.no_extra(obj, ("t", "req", "op", "args"))
     req, op = check.typed(obj, "req", int), check.typed(obj, "op", str)
     check.label = f"control req {req} op {op!r}"
@@ -495,7 +331,7 @@ def _parse_control(obj: dict[Any, Any]) -> Control:
     args = {} if args is None else check.typed(obj, "args", dict)  # nil means no arguments
     for key in args:
         if type(key) is not str:
-            raise check.fail("wrong_type", "args", f"keys must be strings, got {_describe(key)}")
+            raise check.fail("wrong_type", "args", f"keys must be strings, got {describe(key)}")
     return Control(req, op, args)
 
 
@@ -506,7 +342,7 @@ def parse_server_message(obj: dict[Any, Any]) -> ServerMessage:
         MessageError: ``obj`` is not a valid welcome, ack, error or reply.
     """
     t = obj.get("t")
-    check = _Checker(f"{t} message" if type(t) is str else "message")
+    check = Checker(f"{t} message" if type(t) is str else "message")
     if t == "ack":
         return Ack(check.typed(obj, "seq", int))
     if t == "error":
@@ -528,7 +364,7 @@ def parse_server_message(obj: dict[Any, Any]) -> ServerMessage:
         return Welcome(check.typed(obj, "v", int), check.typed(obj, "daemon", str),
                        check.typed(obj, "max_frame", int),
                        check.typed(obj, "outbox", str) if outbox is not None else None)  # fmt: skip
-    raise MessageError("unknown_message", f"unknown message type {_describe(t)}; expected "
+    raise MessageError("unknown_message", f"unknown message type {describe(t)}; expected "
                        "welcome, ack, error or reply", field="t")  # fmt: skip
 
 
@@ -603,6 +439,13 @@ class ServerConnection:
         if len(buf) < end:
             return None
         view = memoryview(buf)[HEADER_SIZE:end]
+        if self.hello is not None:  # an event, checked in C, or None: the Python way below
+            typed = decode_event(view)
+            if typed is not None and typed[0] > self.last_seq:
+                view.release()
+                del buf[:end]
+                self.last_seq = typed[0]
+                return EventMsg(*typed)
         try:
             # Stack traces and outputs are whatever the target printed: invalid UTF-8 becomes
             # U+FFFD rather than costing the frame (and the connection) its crash.
@@ -617,7 +460,7 @@ class ServerConnection:
         view.release()
         del buf[:end]  # O(1) at the front of a bytearray
         if type(obj) is not dict:
-            self._fail(FrameError("not_a_map", f"frame holds {_describe(obj)}, not a map"))
+            self._fail(FrameError("not_a_map", f"frame holds {describe(obj)}, not a map"))
         t = obj.get("t")
         if t == "event":
             if self.hello is None:
@@ -640,7 +483,7 @@ class ServerConnection:
             except SessionError as exc:
                 self._fail(exc)
             return self.hello
-        raise MessageError("unknown_message", f"unknown message type {_describe(t)}; expected "
+        raise MessageError("unknown_message", f"unknown message type {describe(t)}; expected "
                            "hello, event or control", field="t")  # fmt: skip
 
     def _fail(self, error: ProtocolError) -> NoReturn:
