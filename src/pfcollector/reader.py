@@ -22,6 +22,7 @@ import trio
 
 from .ingest import AckTracker
 from .membudget import Reservation
+from .policies import COALESCED_KINDS
 from .protocol import (
     HEADER_SIZE,
     Control,
@@ -212,6 +213,13 @@ async def read_connection(
                         tracker.handled(msg.seq)
                         continue
                     cost = before - conn.pending_bytes + EVENT_OVERHEAD
+                    if msg.kind in COALESCED_KINDS and server.coalescer is not None:
+                        # Stats and coverage: merged in memory and acked, no await per event.
+                        event, _ = server._event(msg, conn, info)
+                        if not server._coalesce(event, msg.seq, tracker):
+                            await server._spool_event(event, None, msg.seq, tracker,
+                                                      reserved.split(cost))  # fmt: skip
+                        continue
                     await _dispatch(server, msg, conn, info, tracker, reserved, cost)
                 elif isinstance(msg, Hello):
                     await server._welcome(msg, info, send)

@@ -482,11 +482,12 @@ class Server:
         coalescer = self.coalescer
         if coalescer is None or event.kind not in COALESCED_KINDS:
             return False
+        keys = len(coalescer)
         taken = coalescer.add(event)
-        # Counted per key held, a fixed cost each: bounded by MAX_COALESCE_KEYS.
-        self._coalesced.grow(len(coalescer) * COALESCED_EVENT_COST - self._coalesced.held)
-        if coalescer.full:
-            self._coalescer_full.set()  # push early rather than grow
+        if len(coalescer) != keys:  # a new key: counted per key held, a fixed cost each
+            self._coalesced.grow(len(coalescer) * COALESCED_EVENT_COST - self._coalesced.held)
+            if coalescer.full:
+                self._coalescer_full.set()  # push early rather than grow
         if taken:
             tracker.handled(seq)
         # Not taken: full of other keys, so this one goes to the spool (flow control).
