@@ -37,6 +37,7 @@ from pfcollector.checks import (
     describe,
 )
 from pfcollector.events import INT64_MAX, INT64_MIN, SCHEMAS, FieldSpec, Kind
+from pfcollector.packing import pack
 from pfcollector.typed import TS_LIMIT as _TS_LIMIT
 from pfcollector.typed import decode_event
 
@@ -198,7 +199,7 @@ def encode(msg: ClientMessage | ServerMessage) -> bytes:
     else:
         obj = {"t": "reply", "req": msg.req, "ok": msg.ok, "result": msg.result,
                "error": msg.error}  # fmt: skip
-    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    body: bytes = pack(obj)
     if len(body) > 0xFFFFFFFF:
         raise ValueError(f"message of {len(body)} bytes does not fit a frame")
     return _HEADER.pack(len(body)) + body

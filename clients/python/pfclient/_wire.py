@@ -50,7 +50,9 @@ def default_socket_path() -> str:
 
 def encode_frame(message: dict[str, Any]) -> bytes:
     """``message`` as one frame: 4-byte big-endian length, then the msgpack map."""
-    body: bytes = msgpack.packb(message, use_bin_type=True)
+    # A small first buffer: packb's default 256 KiB is an mmap and munmap per call wherever
+    # the mmap threshold is lower, and munmap stalls every core running the harness's threads.
+    body: bytes = msgpack.packb(message, use_bin_type=True, buf_size=4096)
     return _HEADER.pack(len(body)) + body
 
 
