@@ -309,3 +309,41 @@ async def test_a_commit_during_a_spool_read_is_not_forgotten(
     nursery.start_soon(pipeline.deliver, recv, master.send)
     await settle(lambda: spool.total_count == 0, limit=60)
     assert len([e for _, b in master.seen for e in b.events]) == 8
+
+
+async def test_wait_idle_waits_for_a_read_under_way(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A drain asked while the pipeline's read was in its worker thread (_more already
+    cleared, nothing held yet) ended at once, and the rows that read brought back were not
+    delivered in that drain (test_drain.py saw it about once in 15 runs)."""
+    spool = Spool(tmp_path / "s.db")
+    spool.append([make_event(Kind.CRASH) for _ in range(4)])
+    reading, release = trio.Event(), trio.Event()
+
+    async def offload(fn: Callable[..., Any], *args: Any) -> Any:
+        if fn == spool.read_after and not release.is_set():
+            reading.set()
+            await release.wait()  # the read is slow: the drain comes while it runs
+        return fn(*args)
+
+    master = Master()
+    pipeline = Pipeline(spool, BatchPolicy(100, 512 * 1024, 0.01), offload=offload)
+    send, recv = trio.open_memory_channel[Batch](4)
+    nursery.start_soon(pipeline.run, send)
+    nursery.start_soon(pipeline.deliver, recv, master.send)
+    await reading.wait()
+    idle = False
+
+    async def drain() -> None:
+        nonlocal idle
+        await pipeline.wait_idle()
+        idle = True
+
+    nursery.start_soon(drain)
+    await trio.sleep(0.05)
+    assert not idle  # the read under way may bring rows
+    release.set()
+    with trio.fail_after(10):
+        while not idle:
+            await trio.sleep(0.01)
+    assert len([e for _, b in master.seen for e in b.events]) == 4
+    assert spool.total_count == 0

@@ -104,6 +104,7 @@ class Pipeline:
         self._tiebreak = itertools.count()
         self._wake = trio.Event()
         self._more = True
+        self._reading = False
         # flush_now(): groups formed until the spool is read through go at once, one time.
         self._flush_once = False
         # drain(): every group goes at once from now on. Neither touches a retry's delay.
@@ -201,8 +202,9 @@ class Pipeline:
         self._wake.set()
 
     async def wait_idle(self) -> None:
-        """Return once nothing is held and the spool has nothing more to read."""
-        while self._held or self._more:
+        """Return once nothing is held, no read is under way and the spool has nothing more
+        to read (a read under way may bring rows: a drain must wait for them)."""
+        while self._held or self._more or self._reading:
             self._idle = trio.Event()
             self._wake.set()
             await self._idle.wait()
@@ -248,7 +250,11 @@ class Pipeline:
         # Cleared before the read, never after it: a commit's notify() that lands while the
         # read runs (in a worker thread) must not be lost, or its events wait for the next one.
         self._more = False
-        rows = await self._offload(self.spool.read_after, self.cursor, limit)
+        self._reading = True  # rows on their way: not idle (wait_idle)
+        try:
+            rows = await self._offload(self.spool.read_after, self.cursor, limit)
+        finally:
+            self._reading = False
         now = trio.current_time()
         if rows:
             self._mean_cost = max(HELD_OVERHEAD, sum(map(_cost, rows)) // len(rows))
