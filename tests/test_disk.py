@@ -23,7 +23,8 @@ from pfcollector.cli import app
 from pfcollector.config import Config
 from pfcollector.events import Kind
 from pfcollector.protocol import ErrorMsg, EventMsg
-from pfcollector.spool import Spool, check_spool, open_spool
+from pfcollector.spool import Spool
+from pfcollector.spoolfile import check_spool, open_spool
 
 from .conftest import make_event, missing, require_tool, start_daemon
 from .wire import RawClient, event, exchange
@@ -47,19 +48,19 @@ async def test_injected_disk_full_refuses_then_recovers(
     await client.hello()
     assert await errors_by_seq(client, [crash(s) for s in range(1, 11)]) == {}
 
-    real_append = Spool.append
+    real_commit = Spool._commit
 
     def full(self: Spool, *args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Spool, "append", full)
+    monkeypatch.setattr(Spool, "_commit", full)  # the COMMIT of either way (ingest._store)
     errors = await errors_by_seq(client, [crash(s) for s in range(11, 21)])
     assert set(errors) == set(range(11, 21))
     assert {e.code for e in errors.values()} == {"disk_full"}
     assert "disk is full" in errors[11].message
     assert (await daemon.status())["spool"]["write_error"] == "disk_full"
 
-    monkeypatch.setattr(Spool, "append", real_append)
+    monkeypatch.setattr(Spool, "_commit", real_commit)
     assert await errors_by_seq(client, [crash(s) for s in range(21, 31)]) == {}
     assert (await daemon.status())["spool"]["write_error"] is None
     stored = {r.event.id for r in daemon.spool.read_after(0, 100)}

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from pfcollector.events import Event, Kind
-from pfcollector.ingest import AckTracker, GroupCommitter, InputWriter, Pending
+from pfcollector.ingest import INLINE_MAX_BYTES, AckTracker, GroupCommitter, InputWriter, Pending
 from pfcollector.inputs import InputStore
 from pfcollector.membudget import MemoryBudget, Reservation
 from pfcollector.spool import Spool
@@ -184,25 +184,29 @@ async def test_fresh_inputs_are_written_from_memory_not_read_back(
         assert inputs.path_for(hashlib.sha256(data).hexdigest()).read_bytes() == data
 
 
+@pytest.mark.parametrize("size", [64 * 1024, 1024], ids=["in-the-worker", "on-the-loop"])
 async def test_a_refused_group_is_freed_when_its_memory_is_given_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
     """A commit that failed in its worker thread came back with a traceback holding the
     group, in a reference cycle through trio's own frame: the events and their inputs lived
     on until the garbage collector ran, after the budget had released their bytes, and the
-    daemon's RSS went up to 80 MiB past memory_budget (a stalled spool, full pressure run)."""
+    daemon's RSS went up to 80 MiB past memory_budget (a stalled spool, full pressure run).
+    Small groups are written on the event loop's thread (ingest.INLINE_MAX_BYTES): the same
+    holds there."""
     spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
+    assert (10 * size > INLINE_MAX_BYTES) == (size > 1024)
 
     def locked(*args: object) -> None:
         raise sqlite3.OperationalError("database is locked")
 
-    monkeypatch.setattr(spool, "append", locked)
+    monkeypatch.setattr(spool, "_commit", locked)
     committer = GroupCommitter(spool, inputs, crash_dedupe=False)
     tracker = AckTracker()
     gc.collect()
     gc.disable()
     try:
-        group = [crash_pending(bytes(1024), tracker, i) for i in range(1, 11)]
+        group = [crash_pending(bytes(size), tracker, i) for i in range(1, 11)]
         await committer.commit(group)
         assert committer.failing == "spool_write_failed"
         del group

@@ -509,7 +509,7 @@ def spool_check(
     Exit 0 when the spool is sound, 1 when it is missing, unreadable or corrupt.
     """
     from .config import default_data_dir
-    from .spool import check_spool
+    from .spoolfile import check_spool
 
     try:  # the data directory as serve resolves it: flag, env, settings file, default
         resolved = load({"data_dir": data_dir}).config.data_dir

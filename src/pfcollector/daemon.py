@@ -47,7 +47,7 @@ from .redact import redact_tree
 from .sender import Batch, RetryPolicy, Sender, TransientError
 from .server import ConnectionInfo, Limits, Server
 from .sockdir import prepare_socket_dir
-from .spool import open_spool
+from .spoolfile import open_spool
 
 __all__ = ["CONTROL_OPS", "Daemon", "run_daemon"]
 

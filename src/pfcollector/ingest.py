@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import logging
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ from .spool import Spool
 __all__ = [
     "GROUP_MAX",
     "INGEST_QUEUE_SIZE",
+    "INLINE_MAX_BYTES",
+    "INLINE_MAX_EVENTS",
+    "SLOW_COMMIT_S",
+    "SLOW_DISK_HOLD_S",
     "AckTracker",
     "GroupCommitter",
     "InputWriter",
@@ -49,6 +54,15 @@ log = logging.getLogger(__name__)
 INGEST_QUEUE_SIZE = 8192
 #: Most events written in one transaction (one fsync).
 GROUP_MAX = 2048
+#: A group is written on the event loop's own thread, only its COMMIT in a worker thread, when
+#: it has at most this many events and bytes of inputs and crash texts (hashing and parsing
+#: them holds the loop: a bigger group is written all in the worker, as the loop goes on).
+INLINE_MAX_EVENTS = 512
+INLINE_MAX_BYTES = 256 * 1024
+#: A COMMIT slower than this sends commits to the worker thread for SLOW_DISK_HOLD_S.
+SLOW_COMMIT_S = 0.05
+SLOW_DISK_HOLD_S = 30.0
+_CRASH = Kind.CRASH
 
 
 class AckTracker:
@@ -150,6 +164,10 @@ class GroupCommitter:
         self.committed = 0
         self._listeners: list[Callable[[], None]] = []
         self._writer: InputWriter | None = None
+        #: Groups committed on the event loop's thread (the others went to a worker).
+        self.inline = 0
+        #: ``time.monotonic()`` until which every commit goes to the worker (a slow disk).
+        self.threaded_until = 0.0
 
     def hand_inputs_to(self, writer: InputWriter) -> None:
         """After each commit, give ``writer`` the inputs just journalled, with their memory."""
@@ -180,9 +198,7 @@ class GroupCommitter:
     async def commit(self, group: list[Pending]) -> None:
         """Write one group durably, then settle every event in it."""
         try:
-            # Not cancellable: a commit that started finishes, so its acks are true.
-            # Without the worker's traceback: it would keep the group alive (threads.py).
-            results, blobs = await threads.run_sync(self._write, group)
+            results, blobs = await self._store(group)
         except (OSError, sqlite3.Error) as exc:  # the disk, not the producer, failed
             failure = _write_failure(exc)
             if self.failing is None:  # one line per outage, not one per group
@@ -229,9 +245,58 @@ class GroupCommitter:
         for callback in self._listeners:
             callback()
 
+    async def _store(
+        self, group: list[Pending]
+    ) -> tuple[list[str | None], list[list[tuple[str, bytes]]]]:
+        """Write the group durably: its inserts here and only the COMMIT (the fsync) in a
+        worker thread when the group is small and the spool free at once, else all of it in
+        the thread. Not cancellable: a commit that started finishes, so its acks are true.
+
+        Why not always the thread: its Python (a crash's fields, the spool's rows) competes
+        for the GIL with the event loop, and the hop there and back costs more CPU than the
+        fsync it saves the loop from waiting out: about a fifth of the daemon's CPU per
+        delivered crash (docs/performance.md, round 4). A disk whose COMMIT takes longer than
+        SLOW_COMMIT_S sends every commit to the thread for SLOW_DISK_HOLD_S: a stalling disk
+        holds the loop once, not at every group.
+        """
+        if time.monotonic() >= self.threaded_until and _small(group):
+            events, sizes, keys, blobs = self._prepare(group)
+            if self.spool.try_begin():
+                results = self.spool.insert_begun(events, sizes, keys, blobs)
+                self.spool.commit_begun()  # the fsync, here: cheaper than the hop (see above)
+                self.inline += 1
+            else:  # the pipeline deleting, the input writer, another process: wait there
+                results = await threads.run_sync(self.spool.append, events, sizes, keys, blobs)
+            self._check_disk()
+            return results, blobs
+        # Without the worker's traceback: it would keep the group alive (threads.py).
+        out = await threads.run_sync(self._write, group)
+        self._check_disk()
+        return out
+
+    def _check_disk(self) -> None:
+        """After a COMMIT slower than SLOW_COMMIT_S, commit in the worker for a while."""
+        took = self.spool.last_commit_s
+        if took <= SLOW_COMMIT_S:
+            return
+        now = time.monotonic()
+        if now >= self.threaded_until:
+            log.warning("a spool commit took %.3fs: committing in a worker thread for %gs, so "
+                        "that a slow disk does not hold the daemon's event loop", took,
+                        SLOW_DISK_HOLD_S)  # fmt: skip
+        self.threaded_until = now + SLOW_DISK_HOLD_S
+
     def _write(
         self, group: list[Pending]
     ) -> tuple[list[str | None], list[list[tuple[str, bytes]]]]:
+        prepared = self._prepare(group)
+        return self.spool.append(*prepared), prepared[3]
+
+    def _prepare(
+        self, group: list[Pending]
+    ) -> tuple[list[Event], list[int], list[list[str] | None], list[list[tuple[str, bytes]]]]:
+        """The spool's rows of a group: crash inputs hashed (and their files named), corpus
+        contents hashed, dedupe keys."""
         events: list[Event] = []
         sizes: list[int] = []
         keys: list[list[str] | None] = []
@@ -269,7 +334,22 @@ class GroupCommitter:
             sizes.append(size)
             keys.append(dedupe)
             blobs.append(new)
-        return self.spool.append(events, sizes, keys, blobs), blobs
+        return events, sizes, keys, blobs
+
+
+def _small(group: list[Pending]) -> bool:
+    """Is ``group`` small enough to write on the event loop's thread (INLINE_MAX_*)?"""
+    if len(group) > INLINE_MAX_EVENTS:
+        return False
+    total = 0
+    for item in group:
+        data = item.input
+        if data is not None:
+            total += len(data) if isinstance(data, bytes) else sum(map(len, data))
+        if item.event.kind is _CRASH:  # a report is parsed for its bug's signature
+            fields = item.event.fields
+            total += len(fields.get("output", "")) + len(fields.get("stack_trace", ""))
+    return total <= INLINE_MAX_BYTES
 
 
 def _release(group: list[Pending]) -> None:

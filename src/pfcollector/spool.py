@@ -20,7 +20,6 @@ Error handling:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sqlite3
 import threading
@@ -39,8 +38,10 @@ from .deadletters import DeadLetters
 from .deadletters import rollback as _rollback
 from .events import DURABLE_KINDS, Event, Kind
 from .journal import InputJournal
+from .packing import pack
+from .seen import SeenKeys
 
-__all__ = ["COUNTERS", "Spool", "SpoolCorrupt", "Spooled", "check_spool", "open_spool"]
+__all__ = ["COUNTERS", "Spool", "SpoolCorrupt", "Spooled"]
 
 # An event's attempts count its failed rounds so far; a dead letter's count the last one too.
 _DEAD_COLUMNS = _COLUMNS.replace("attempts", "attempts + 1")
@@ -57,6 +58,9 @@ COUNTERS = (
 )
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+#: How long a write waits for SQLite's write lock held by another connection (a second
+#: process opening the spool, say) before it fails.
+BUSY_TIMEOUT_MS = 5000
 _CHUNK = 500  # ids per statement (SQLite's variable limit is 32766; keep statements small)
 
 _SCHEMA = """
@@ -132,7 +136,7 @@ class Spooled:
     wire_size: int = 0
 
 
-class Spool(DeadLetters, InputJournal):
+class Spool(DeadLetters, InputJournal, SeenKeys):
     """The durable store. Every method is blocking and thread-safe; call from a worker thread.
 
     Listing and requeueing dead letters: :class:`~pfcollector.deadletters.DeadLetters`.
@@ -142,12 +146,16 @@ class Spool(DeadLetters, InputJournal):
         self.path = Path(path)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        #: Seconds the last group's COMMIT took (its fsync, mostly).
+        self.last_commit_s = 0.0
+        self._reads: sqlite3.Connection | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             # Debian builds SQLite with secure_delete on: every delivered row and every
             # written input's journal blob was overwritten with zeros, a second write of each.
             # FAST zeroes what costs no extra I/O; the inputs themselves stay in their files.
@@ -190,6 +198,83 @@ class Spool(DeadLetters, InputJournal):
         here, in the event's own transaction, until :meth:`drop_inputs` says the files are
         durable.
         """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                results = self._insert(events, sizes, keys, blobs)
+                self._commit()
+            except BaseException:
+                _rollback(self._db)
+                self._reload_totals()
+                raise
+        return results
+
+    # A group commit in two steps, for the event loop's own thread (ingest.py): the inserts
+    # there, holding the lock and the transaction, and only the COMMIT (its fsync) in a
+    # worker thread. The lock is a ``threading.Lock``: the thread that commits releases it.
+
+    def try_begin(self) -> bool:
+        """Take the lock and open a write transaction now, or return False at once (another
+        holder of the lock, or another connection holding SQLite's write lock)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        db = self._db
+        try:
+            db.execute("PRAGMA busy_timeout=0")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            finally:
+                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        except sqlite3.Error:
+            _rollback(db)
+            self._lock.release()
+            return False
+        return True
+
+    def insert_begun(
+        self,
+        events: Sequence[Event],
+        sizes: Sequence[int] | None = None,
+        keys: Sequence[Sequence[str] | None] | None = None,
+        blobs: Sequence[Sequence[tuple[str, bytes]]] | None = None,
+    ) -> list[str | None]:
+        """:meth:`append`'s inserts in the transaction :meth:`try_begin` opened; on an error
+        it is rolled back and the lock released. :meth:`commit_begun` must follow."""
+        try:
+            return self._insert(events, sizes, keys, blobs)
+        except BaseException:
+            self._abort_begun()
+            raise
+
+    def commit_begun(self) -> None:
+        """Commit the transaction :meth:`try_begin` opened (from any thread), release the lock."""
+        try:
+            self._commit()
+        except BaseException:
+            self._abort_begun()
+            raise
+        self._lock.release()
+
+    def _commit(self) -> None:
+        started = time.monotonic()
+        self._db.execute("COMMIT")
+        self.last_commit_s = time.monotonic() - started
+
+    def _abort_begun(self) -> None:
+        try:
+            _rollback(self._db)
+            self._reload_totals()
+        finally:
+            self._lock.release()
+
+    def _insert(
+        self,
+        events: Sequence[Event],
+        sizes: Sequence[int] | None,
+        keys: Sequence[Sequence[str] | None] | None,
+        blobs: Sequence[Sequence[tuple[str, bytes]]] | None,
+    ) -> list[str | None]:
+        """The body of :meth:`append`, inside its transaction (the caller commits)."""
         results: list[str | None] = []
         delta: Counter[tuple[str, str]] = Counter()
         # Written once per group (executemany), not per event: the per-statement cost, not
@@ -197,136 +282,71 @@ class Spool(DeadLetters, InputJournal):
         seen_rows: list[tuple[str, str, str, str, int]] = []
         hit_rows: list[tuple[int, str, str, str]] = []
         blob_rows: list[tuple[str, bytes]] = []
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                now = time.time_ns()
-                known = self._seen_before(events, keys) if keys is not None else {}
-                for i, ev in enumerate(events):
-                    sent = ev.fields  # what the producer sent, before dedupe trims a corpus
-                    fresh: list[str] = []
-                    event_keys = keys[i] if keys is not None else None
-                    if event_keys:
-                        deduped = self._dedupe(ev, event_keys, known, hit_rows, now, delta)
-                        if deduped is None:
-                            results.append(None)  # a repeat: counted, durably, not resent
-                            if blobs is not None and bugs.is_bug_key(event_keys):
-                                blob_rows.extend(blobs[i])  # another input of a known bug
-                            continue
-                        ev, fresh = deduped
-                    body = msgpack.packb(dict(ev.fields), use_bin_type=True)
-                    digest = idcheck.body_digest(
-                        body if ev.fields is sent else msgpack.packb(sent, use_bin_type=True)
-                    )
-                    size = len(body) + (sizes[i] if sizes else 0)
-                    if self.total_bytes + size > self.max_bytes and not self._make_room(
-                        ev.kind, size, delta
-                    ):
-                        delta[ev.kind, "refused"] += 1
-                        results.append("spool_full")
-                        continue
-                    cur = db.execute(
-                        f"INSERT OR IGNORE INTO events ({_COLUMNS}, digest) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
-                        (
-                            ev.id,
-                            ev.kind.value,
-                            ev.job_id,
-                            ev.fuzzer,
-                            ev.timestamp_ns,
-                            now,
-                            ev.peer_pid,
-                            ev.peer_uid,
-                            body,
-                            size,
-                            digest,
-                        ),
-                    )
-                    if cur.rowcount == 0 and idcheck.conflict(db, ev, digest):
-                        results.append(idcheck.ID_CONFLICT)  # not a resend: refused
-                        continue
-                    if cur.rowcount == 1:
-                        self._count[ev.kind] += 1
-                        self._bytes[ev.kind] += size
-                        delta[ev.kind, "accepted"] += 1
-                    if blobs is not None and blobs[i]:
-                        blob_rows.extend(blobs[i])
-                    for key in fresh:  # only now: a refused event must not make repeats "seen"
-                        known[ev.kind.value, ev.job_id, key] = ev.id
-                        seen_rows.append((ev.kind.value, ev.job_id, key, ev.id, now))
-                    results.append(None)
-                db.executemany("INSERT OR IGNORE INTO pending_inputs VALUES (?, ?)", blob_rows)
-                db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, 1, ?)", seen_rows)
-                db.executemany(
-                    "UPDATE seen SET hits = hits + 1, last_ns = ? "
-                    "WHERE kind = ? AND job_id = ? AND key = ?",
-                    hit_rows,
-                )
-                self._bump(delta)
-                db.execute("COMMIT")
-            except BaseException:
-                _rollback(db)
-                self._reload_totals()
-                raise
-        return results
-
-    def _seen_before(
-        self, events: Sequence[Event], keys: Sequence[Sequence[str] | None]
-    ) -> dict[tuple[str, str, str], str]:
-        """``(kind, job, key) -> first id`` for the group's keys already seen: one query per
-        (kind, job) per chunk of keys rather than one per key."""
-        wanted: dict[tuple[str, str], set[str]] = {}
-        for ev, event_keys in zip(events, keys, strict=True):
+        db = self._db
+        now = time.time_ns()
+        known = self._seen_before(events, keys) if keys is not None else {}
+        for i, ev in enumerate(events):
+            sent = ev.fields  # what the producer sent, before dedupe trims a corpus
+            fresh: list[str] = []
+            event_keys = keys[i] if keys is not None else None
             if event_keys:
-                wanted.setdefault((ev.kind.value, ev.job_id), set()).update(event_keys)
-        known: dict[tuple[str, str, str], str] = {}
-        for (kind, job), key_set in wanted.items():
-            key_list = list(key_set)
-            for start in range(0, len(key_list), _CHUNK):
-                chunk = key_list[start : start + _CHUNK]
-                rows = self._db.execute(
-                    "SELECT key, first_id FROM seen WHERE kind = ? AND job_id = ? "
-                    f"AND key IN ({','.join('?' * len(chunk))})",
-                    (kind, job, *chunk),
-                )
-                known.update(((kind, job, key), first) for key, first in rows)
-        return known
-
-    def _dedupe(
-        self,
-        ev: Event,
-        keys: Sequence[str],
-        known: dict[tuple[str, str, str], str],
-        hit_rows: list[tuple[int, str, str, str]],
-        now: int,
-        delta: Counter[tuple[str, str]],
-    ) -> tuple[Event, list[str]] | None:
-        """``None`` for a repeat; else the event (corpus: only its unseen entries) and the keys
-        to record once it is stored. Hits are added to ``hit_rows``."""
-        keep: list[int] = []
-        fresh: list[str] = []
-        for j, key in enumerate(keys):
-            first = known.get((ev.kind.value, ev.job_id, key))
-            if first is None:
-                keep.append(j)
-                fresh.append(key)
-            elif first == ev.id:
-                keep.append(j)  # a resend of the first one, not a repeat
-            else:
-                hit_rows.append((now, ev.kind.value, ev.job_id, key))
-        if not keep:
-            delta[ev.kind, "deduped"] += 1
-            return None
-        if ev.kind is Kind.CORPUS and len(keep) < len(keys):
-            fields = dict(ev.fields)
-            for name in ("files", "hashes", "sizes"):
-                if name in fields:
-                    fields[name] = [fields[name][j] for j in keep]
-            if "sizes" in fields:  # known when the producer sent the bytes
-                fields["total_size"] = sum(fields["sizes"])
-            ev = dataclasses.replace(ev, fields=fields)
-        return ev, fresh
+                deduped = self._dedupe(ev, event_keys, known, hit_rows, now, delta)
+                if deduped is None:
+                    results.append(None)  # a repeat: counted, durably, not resent
+                    if blobs is not None and bugs.is_bug_key(event_keys):
+                        blob_rows.extend(blobs[i])  # another input of a known bug
+                    continue
+                ev, fresh = deduped
+            body = pack(dict(ev.fields))
+            digest = idcheck.body_digest(
+                body if ev.fields is sent else pack(sent)
+            )
+            size = len(body) + (sizes[i] if sizes else 0)
+            if self.total_bytes + size > self.max_bytes and not self._make_room(
+                ev.kind, size, delta
+            ):
+                delta[ev.kind, "refused"] += 1
+                results.append("spool_full")
+                continue
+            cur = db.execute(
+                f"INSERT OR IGNORE INTO events ({_COLUMNS}, digest) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                (
+                    ev.id,
+                    ev.kind.value,
+                    ev.job_id,
+                    ev.fuzzer,
+                    ev.timestamp_ns,
+                    now,
+                    ev.peer_pid,
+                    ev.peer_uid,
+                    body,
+                    size,
+                    digest,
+                ),
+            )
+            if cur.rowcount == 0 and idcheck.conflict(db, ev, digest):
+                results.append(idcheck.ID_CONFLICT)  # not a resend: refused
+                continue
+            if cur.rowcount == 1:
+                self._count[ev.kind] += 1
+                self._bytes[ev.kind] += size
+                delta[ev.kind, "accepted"] += 1
+            if blobs is not None and blobs[i]:
+                blob_rows.extend(blobs[i])
+            for key in fresh:  # only now: a refused event must not make repeats "seen"
+                known[ev.kind.value, ev.job_id, key] = ev.id
+                seen_rows.append((ev.kind.value, ev.job_id, key, ev.id, now))
+            results.append(None)
+        db.executemany("INSERT OR IGNORE INTO pending_inputs VALUES (?, ?)", blob_rows)
+        db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, 1, ?)", seen_rows)
+        db.executemany(
+            "UPDATE seen SET hits = hits + 1, last_ns = ? "
+            "WHERE kind = ? AND job_id = ? AND key = ?",
+            hit_rows,
+        )
+        self._bump(delta)
+        return results
 
     def read(self, query: Callable[..., _T], *args: Any) -> _T:
         """``query(db, *args)`` under the lock: a read of the dedupe tables (:mod:`.bugs`)."""
@@ -372,9 +392,17 @@ class Spool(DeadLetters, InputJournal):
     # -- reading and settling ------------------------------------------------------------
 
     def read_after(self, cursor: int, limit: int) -> list[Spooled]:
-        """Up to ``limit`` undelivered events with ``seq > cursor``, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
+        """Up to ``limit`` undelivered events with ``seq > cursor``, oldest first.
+
+        On a connection of its own (WAL: readers and the writer do not wait for each other),
+        so the delivery pipeline's reads never hold up a group commit.
+        """
+        with self._read_lock:
+            if self._reads is None:
+                self._reads = sqlite3.connect(self.path, isolation_level=None,
+                                              check_same_thread=False)  # fmt: skip
+                self._reads.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            rows = self._reads.execute(
                 f"SELECT seq, {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                 (cursor, limit),
             ).fetchall()
@@ -497,6 +525,10 @@ class Spool(DeadLetters, InputJournal):
 
     def close(self) -> None:
         """Checkpoint the WAL and close the database."""
+        with self._read_lock:
+            if self._reads is not None:
+                self._reads.close()
+                self._reads = None
         with self._lock:
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -517,67 +549,3 @@ def _spooled(row: tuple[Any, ...]) -> Spooled:
         peer_uid=uid,
     )
     return Spooled(seq=seq, event=event, size=size, attempts=attempts, wire_size=len(body))
-
-
-def open_spool(path: Path, max_bytes: int) -> Spool:
-    """Open the daemon's spool, checked; a corrupt one is moved aside for a fresh one.
-
-    SQLite's ``quick_check`` runs at every start (it reads the whole file: seconds for a
-    spool of gigabytes). A database that fails it, or cannot be opened at all, is renamed with
-    its WAL to ``<name>.corrupt-<time>`` (kept for ``sqlite3 .recover`` by an operator) and
-    the daemon starts on an empty spool: refusing to start would lose every event from now on.
-    """
-    try:
-        spool = Spool(path, max_bytes=max_bytes)
-        problem = spool.check()
-        if problem == "ok":
-            return spool
-        spool._db.close()
-    except SpoolCorrupt as exc:
-        problem = str(exc)
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-    for suffix in ("", "-wal", "-shm"):
-        source = path.with_name(path.name + suffix)
-        if source.exists():
-            source.rename(aside.with_name(aside.name + suffix))
-    log.error("spool %s is corrupt (%s): moved aside to %s; starting on a fresh spool",
-              path, problem, aside)  # fmt: skip
-    return Spool(path, max_bytes=max_bytes)
-
-
-def check_spool(path: Path) -> dict[str, Any]:
-    """Report on a spool without changing it (safe beside a running daemon).
-
-    Returns ``{"path", "exists", "ok", "integrity", "file_bytes", "kinds": {kind: {"events",
-    "bytes", "oldest_received_ns"}}, "dead_letters": {kind: n}}``; ``ok`` is False when the
-    file cannot be read or SQLite's ``quick_check`` finds a problem (named in ``integrity``).
-    """
-    report: dict[str, Any] = {"path": str(path), "exists": path.exists(), "ok": False}
-    if not path.exists():
-        report["integrity"] = "no spool file (the daemon has not run with this data directory)"
-        return report
-    report["file_bytes"] = sum(
-        p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists()
-    )
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            integrity = "; ".join(str(r[0]) for r in db.execute("PRAGMA quick_check(20)"))
-            kinds = db.execute(
-                "SELECT kind, COUNT(*), COALESCE(SUM(size), 0), MIN(received_ns) "
-                "FROM events GROUP BY kind"
-            ).fetchall()
-            dead = db.execute("SELECT kind, COUNT(*) FROM dead_letters GROUP BY kind").fetchall()
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as exc:
-        report["integrity"] = f"cannot be read: {exc}"
-        return report
-    report["integrity"] = integrity
-    report["ok"] = integrity == "ok"
-    report["kinds"] = {
-        kind: {"events": n, "bytes": b, "oldest_received_ns": oldest}
-        for kind, n, b, oldest in kinds
-    }
-    report["dead_letters"] = dict(dead)
-    return report
