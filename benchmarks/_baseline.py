@@ -19,7 +19,7 @@ import trio
 __all__ = ["main"]
 
 _HEADER = struct.Struct(">I")
-_READ_SIZE = 64 * 1024  # the daemon's READ_SIZE
+_READ_SIZE = 256 * 1024  # the daemon's READ_SIZE
 
 
 def _frame(obj: dict[str, object]) -> bytes:

@@ -54,10 +54,11 @@ __all__ = [
 ]
 
 #: Bytes asked of the socket per read (less when the budget is small: :func:`read_size`).
-#: Below the 128 KiB mmap threshold the daemon sets (membudget.py): a read allocates its size
-#: first, and a 256 KiB read was an mmap and a munmap each time, 29 us with another thread
-#: running (a TLB shootdown) against 1.8 us for 64 KiB.
-READ_SIZE = 64 * 1024
+#: A read allocates this much first: above the 128 KiB mmap threshold (membudget.py), an mmap
+#: and a munmap per read, which returns the memory at once. 64 KiB reads (from the heap) were
+#: no faster once group commits left the worker thread, and the heap kept what they used:
+#: 13 MiB more peak RSS in ``memory_pressure.py --quick``.
+READ_SIZE = 256 * 1024
 #: Bytes an accepted event costs beyond its frame (the Python objects that hold it).
 EVENT_OVERHEAD = 512
 
