@@ -287,3 +287,9 @@ async def test_the_writer_never_waits_for_memory_while_it_holds_its_queue(
     with trio.fail_after(30):
         await until(lambda: spool.pending_input_count() == 0)
     assert budget.used == 0
+
+
+def test_file_name_is_path_for_as_a_string(tmp_path: Path) -> None:
+    inputs = InputStore(tmp_path / "inputs")
+    sha = hashlib.sha256(b"x").hexdigest()
+    assert inputs.file_name(sha) == str(inputs.path_for(sha))

@@ -16,7 +16,6 @@ runs them under the spool's lock, :func:`read_bugs` on a read-only connection of
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -77,7 +76,7 @@ def crash_key(event: Event, sha256: str, mode: DedupeMode) -> tuple[Event, list[
         signature = report.signature
         if signature is not None:
             if report.crash_type != fields.get("type"):
-                event = dataclasses.replace(event, fields=_retyped(fields, report.crash_type))
+                event = event.with_fields(_retyped(fields, report.crash_type))
             return event, [BUG_PREFIX + signature]
     return event, [crash_signature(sha256, str(fields["type"]), int(fields["signal"]))]
 

@@ -15,7 +15,6 @@ Error handling:
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import sqlite3
@@ -307,10 +306,10 @@ class GroupCommitter:
             if isinstance(item.input, bytes):  # a crash input
                 sha = inputs.digest(item.input)
                 fields = dict(event.fields)
-                path = str(inputs.path_for(sha))
+                path = inputs.file_name(sha)
                 fields.update(hash=sha, size=len(item.input), file_path=path)
                 fields.setdefault("is_unique", True)
-                event = dataclasses.replace(event, fields=fields)
+                event = event.with_fields(fields)
                 size = len(item.input)
                 # Journal it even if the file may exist: a stat per crash on the commit path
                 # costs more than the rare extra row, and the writer skips existing files.
@@ -326,7 +325,7 @@ class GroupCommitter:
                     size = sum(entry_sizes)
                     fields = {**event.fields, "hashes": hashes, "sizes": entry_sizes}
                     fields["total_size"] = size  # measured, not what the producer claimed
-                    event = dataclasses.replace(event, fields=fields)
+                    event = event.with_fields(fields)
                     dedupe = [f"sha256:{h}" for h in hashes]
                 else:
                     dedupe = [f"name:{name}" for name in files]

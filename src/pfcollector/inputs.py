@@ -56,6 +56,10 @@ class InputStore:
         """Where the input with this hash lives (whether or not it exists yet)."""
         return self.root / sha256[:2] / sha256
 
+    def file_name(self, sha256: str) -> str:
+        """:meth:`path_for` as a string, without building a ``Path`` (per crash, on the loop)."""
+        return f"{self._root}/{sha256[:2]}/{sha256}"
+
     @staticmethod
     def digest(data: bytes) -> str:
         """The name of ``data`` here: its SHA-256 in hex."""

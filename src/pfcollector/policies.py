@@ -17,7 +17,6 @@ Coalesced kinds are acknowledged as *accepted* when they reach the :class:`Coale
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -89,7 +88,7 @@ class Coalescer:
             fields["new_edges"] = int(held.fields.get("new_edges", 0)) + int(
                 fields.get("new_edges", 0)
             )
-            event = dataclasses.replace(event, fields=fields)
+            event = event.with_fields(fields)
         self._pending[key] = event
         return True
 

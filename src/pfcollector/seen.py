@@ -8,7 +8,6 @@ decides per event what is a repeat, and what a corpus event keeps.
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
@@ -79,5 +78,5 @@ class SeenKeys:
                     fields[name] = [fields[name][j] for j in keep]
             if "sizes" in fields:  # known when the producer sent the bytes
                 fields["total_size"] = sum(fields["sizes"])
-            ev = dataclasses.replace(ev, fields=fields)
+            ev = ev.with_fields(fields)
         return ev, fresh
