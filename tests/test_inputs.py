@@ -184,7 +184,7 @@ async def test_fresh_inputs_are_written_from_memory_not_read_back(
         assert inputs.path_for(hashlib.sha256(data).hexdigest()).read_bytes() == data
 
 
-@pytest.mark.parametrize("size", [64 * 1024, 1024], ids=["in-the-worker", "on-the-loop"])
+@pytest.mark.parametrize("size", [128 * 1024, 1024], ids=["in-the-worker", "on-the-loop"])
 async def test_a_refused_group_is_freed_when_its_memory_is_given_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:

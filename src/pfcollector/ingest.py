@@ -53,11 +53,12 @@ log = logging.getLogger(__name__)
 INGEST_QUEUE_SIZE = 8192
 #: Most events written in one transaction (one fsync).
 GROUP_MAX = 2048
-#: A group is written on the event loop's own thread, only its COMMIT in a worker thread, when
-#: it has at most this many events and bytes of inputs and crash texts (hashing and parsing
-#: them holds the loop: a bigger group is written all in the worker, as the loop goes on).
-INLINE_MAX_EVENTS = 512
-INLINE_MAX_BYTES = 256 * 1024
+#: A group is written on the event loop's own thread, its COMMIT included, when it has at most
+#: this many events and bytes of inputs and crash texts; a bigger group is written in a worker
+#: thread, as the loop goes on. The loop is held for the group: 1.2 ms for 8 crashes of 1 KiB
+#: here, 50-60 ms for 1,024 (docs/performance.md, round 4).
+INLINE_MAX_EVENTS = 1024
+INLINE_MAX_BYTES = 1024 * 1024
 #: A COMMIT slower than this sends commits to the worker thread for SLOW_DISK_HOLD_S.
 SLOW_COMMIT_S = 0.05
 SLOW_DISK_HOLD_S = 30.0
