@@ -4,14 +4,23 @@ sent once made the ack overtake its own error, so a client took a refused event 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
+from pfcollector import server as server_module
+from pfcollector.config import Config
+from pfcollector.events import Kind
 from pfcollector.ingest import AckTracker, Pending
 from pfcollector.protocol import Ack, ErrorMsg, ServerMessage
 from pfcollector.server import Server
+
+from .conftest import start_daemon
+from .wire import RawClient, event, exchange
 
 
 async def _no_control(op: str, args: object, peer: object) -> None:
@@ -36,8 +45,9 @@ async def test_ack_never_overtakes_an_error(autojump_clock: trio.testing.MockClo
         tracker.submitted(seq)
     sent: list[ServerMessage] = []
 
-    async def send(msg: ServerMessage) -> None:
-        sent.append(msg)
+    async def send(msg: ServerMessage | None) -> None:  # None: only what is left over
+        if msg is not None:
+            sent.append(msg)
         if isinstance(msg, ErrorMsg) and msg.seq == 2:
             # While the first error is on its way, the later groups settle (one fails).
             tracker.settle(4, None)
@@ -67,8 +77,9 @@ async def test_acker_sends_the_last_ack_before_it_ends(
     tracker.submitted(1)
     sent: list[ServerMessage] = []
 
-    async def send(msg: ServerMessage) -> None:
-        sent.append(msg)
+    async def send(msg: ServerMessage | None) -> None:  # None: only what is left over
+        if msg is not None:
+            sent.append(msg)
         await trio.sleep(0.01)
 
     channel, _ = trio.open_memory_channel[Pending](1)
@@ -78,3 +89,60 @@ async def test_acker_sends_the_last_ack_before_it_ends(
         tracker.settle(1, None)
         tracker.close()
     assert sent == [Ack(1)]
+
+
+def test_a_commit_acks_at_once_but_leaves_errors_and_a_busy_sender_to_the_acker() -> None:
+    """The group commit sends a ready ack itself (ack_or_wake); the acker is woken only when
+    an error must go first, the connection is closing, or send_now cannot write."""
+    tracker = AckTracker()
+    written: list[int] = []
+    accept = True
+
+    def send_now(seq: int) -> bool:
+        if accept:
+            written.append(seq)
+        return accept
+
+    tracker.send_now = send_now
+    for seq in (1, 2, 3):
+        tracker.submitted(seq)
+    tracker.settle(1, None, wake=False)
+    tracker.settle(2, None, wake=False)
+    tracker.ack_or_wake()
+    assert written == [2] and tracker.acked == 2 and not tracker.changed.is_set()
+    tracker.settle(3, ("spool_full", "full"), "crash", wake=False)
+    tracker.ack_or_wake()  # an error is due before the ack that covers it
+    assert written == [2] and tracker.changed.is_set() and tracker.acked == 2
+    tracker.errors.clear()
+    tracker.changed = trio.Event()
+    accept = False  # the connection's sender is busy, or the socket full
+    tracker.submitted(4)
+    tracker.settle(4, None, wake=False)
+    tracker.ack_or_wake()
+    assert tracker.changed.is_set() and tracker.acked == 2  # the acker sends it
+
+
+async def test_an_ack_written_in_part_is_finished_before_anything_else(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """send_now() writes to a non-blocking socket: what did not fit goes out first with the
+    acker's next send, so the client reads whole frames (here: 3 bytes written at a time)."""
+    real_write = os.write
+    short = 0
+
+    def short_write(fd: int, data: bytes) -> int:
+        nonlocal short
+        short += 1
+        return real_write(fd, bytes(data[:3]))
+
+    monkeypatch.setattr(server_module.os, "write", short_write)
+    config = make_config()
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, config)
+        client = await RawClient.connect(config.socket_path)
+        await client.hello()
+        for seq in (1, 2, 3):  # one event, one group, one ack: nothing else carries the rest
+            assert await exchange(client, [event(seq, Kind.CRASH, input=bytes([seq]))]) == []
+        await client.aclose()
+        daemon.stop()
+    assert short == 3  # every ack went the short way

@@ -83,6 +83,9 @@ class AckTracker:
         self.errors: list[tuple[int, str, str, str]] = []
         self.changed = trio.Event()
         self.closing = False
+        #: Sends an ack for this seq now, without waiting, or returns False (the connection's
+        #: sender is busy, the socket full): set by the server, None where nobody is acked.
+        self.send_now: Callable[[int], bool] | None = None
 
     def close(self) -> None:
         """The connection reads no more: the acker ends once everything is settled."""
@@ -110,9 +113,12 @@ class AckTracker:
             self.ack_ready = max(self.ack_ready, seq)
             self.changed.set()
 
-    def settle(self, seq: int, error: tuple[str, str] | None, kind: str = "unknown") -> None:
+    def settle(
+        self, seq: int, error: tuple[str, str] | None, kind: str = "unknown", *, wake: bool = True
+    ) -> None:
         """The spool is done with ``seq`` (an event of ``kind``): stored (``error`` is None)
-        or refused with ``error`` = (code, message)."""
+        or refused with ``error`` = (code, message). ``wake=False``: the caller calls
+        :meth:`ack_or_wake` once it has settled all it had."""
         entry = self._open.pop(seq, None)
         if entry is None:
             return
@@ -121,6 +127,22 @@ class AckTracker:
             self.errors.append((seq, *error, kind))
         while self._order and self._order[0][1]:
             self.ack_ready = max(self.ack_ready, int(self._order.popleft()[0]))
+        if wake:
+            self.changed.set()
+
+    def ack_or_wake(self) -> None:
+        """Send the ack that is ready from here (:attr:`send_now`), or wake the acker task.
+
+        A group commit settles its events and acks each connection at once: waking the
+        connection's acker task to send it cost 0.18 ms of a crash's round trip (of 0.85).
+        Errors go through the acker (they come before the ack that covers them), and so does
+        everything when the connection is closing or its sender busy.
+        """
+        ready = self.ack_ready
+        if (ready > self.acked and not self.errors and not self.closing
+                and self.send_now is not None and self.send_now(ready)):  # fmt: skip
+            self.acked = ready
+            return
         self.changed.set()
 
     @property
@@ -224,10 +246,12 @@ class GroupCommitter:
         self.full = bool(refused)
         handed: list[tuple[str, bytes]] = []
         hold: Reservation | None = None
+        touched: dict[AckTracker, None] = {}
         for item, result, new in zip(group, results, blobs, strict=True):
+            touched[item.tracker] = None
             if result is None:
                 self.committed += 1
-                item.tracker.settle(item.seq, None)
+                item.tracker.settle(item.seq, None, wake=False)
                 if new and self._writer is not None:  # journalled: the writer keeps them
                     handed.extend(new)
                     if item.hold is not None:
@@ -238,7 +262,9 @@ class GroupCommitter:
                             hold.absorb(moved)
             else:
                 error = (result, _REFUSALS.get(result, result))
-                item.tracker.settle(item.seq, error, item.event.kind)
+                item.tracker.settle(item.seq, error, item.event.kind, wake=False)
+        for tracker in touched:
+            tracker.ack_or_wake()
         _release(group)
         if handed and self._writer is not None:
             self._writer.take(handed, hold)

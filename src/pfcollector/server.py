@@ -341,10 +341,37 @@ class Server:
         info = ConnectionInfo(self._next_id, pid, uid, gid, time.time())
         self.stats.connections_total += 1
         send_lock = trio.StrictFIFOLock()
+        rest = b""  # what send_now() could not write: it goes before anything else
 
-        async def send(msg: ServerMessage) -> None:
+        async def send(msg: ServerMessage | None) -> None:
+            """Send ``msg`` (None: only what send_now() left), after what send_now() left."""
+            nonlocal rest
+            if msg is None and not rest:
+                return
             async with send_lock:
-                await stream.send_all(encode(msg))
+                if rest:
+                    data, rest = rest, b""
+                    await stream.send_all(data)
+                if msg is not None:
+                    await stream.send_all(encode(msg))
+
+        def send_now(seq: int) -> bool:
+            """An ack from the group commit, written at once if nothing else is being sent
+            (the socket is non-blocking; what does not fit waits for the acker's send)."""
+            nonlocal rest
+            if send_lock.locked() or rest:
+                return False
+            frame = encode(Ack(seq))
+            try:
+                written = os.write(stream.socket.fileno(), frame)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return False  # gone: the acker's send finds out and the connection closes
+            rest = frame[written:]
+            if rest:
+                tracker.changed.set()  # the acker sends the rest
+            return True
 
         async with stream:
             refusal = None
@@ -368,6 +395,7 @@ class Server:
                 return
             self.connections[info.id] = info
             tracker = AckTracker()
+            tracker.send_now = send_now
             fatal = False
             try:
                 with trio.CancelScope() as closing:
@@ -401,10 +429,11 @@ class Server:
                 await self._linger(stream)
 
     async def _acker(
-        self, tracker: AckTracker, send: Callable[[ServerMessage], Awaitable[None]]
+        self, tracker: AckTracker, send: Callable[[ServerMessage | None], Awaitable[None]]
     ) -> None:
         while True:
             await tracker.wait_changed()
+            await send(None)  # the rest of an ack send_now() could not write whole, if any
             # Take the errors and the ack point together: while the errors are being sent,
             # a later group may settle, and its ack must not overtake its own errors.
             errors, tracker.errors = tracker.errors, []
