@@ -123,3 +123,17 @@ def test_read_size_fits_a_quarter_of_the_budget() -> None:
     assert read_size(256 * 1024 * 1024, 256) == READ_SIZE == 256 * 1024
     assert read_size(16 * 1024 * 1024, 256) == 16 * 1024
     assert read_size(1024, 1000) == 4096
+
+
+def test_reads_start_small_and_grow_while_they_come_back_full() -> None:
+    from pfcollector.reader import SMALL_READ, _next_read
+
+    size, sizes = SMALL_READ, []
+    for _ in range(4):  # a big frame streaming in: every read full
+        size = _next_read(size, size, READ_SIZE)
+        sizes.append(size)
+    assert sizes == [64 * 1024, READ_SIZE, READ_SIZE, READ_SIZE]
+    assert _next_read(READ_SIZE, 1200, READ_SIZE) == READ_SIZE // 2  # small frames again
+    assert _next_read(SMALL_READ, 1200, READ_SIZE) == SMALL_READ  # never below SMALL_READ
+    assert _next_read(SMALL_READ, SMALL_READ, 4096) == 4096  # a small budget caps them all
+    assert _next_read(4096, 100, 4096) == 4096

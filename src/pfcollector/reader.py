@@ -48,17 +48,23 @@ __all__ = [
     "DRAINING_MESSAGE",
     "EVENT_OVERHEAD",
     "READ_SIZE",
+    "SMALL_READ",
     "FrameClock",
     "read_connection",
     "read_size",
 ]
 
-#: Bytes asked of the socket per read (less when the budget is small: :func:`read_size`).
-#: A read allocates this much first: above the 128 KiB mmap threshold (membudget.py), an mmap
-#: and a munmap per read, which returns the memory at once. 64 KiB reads (from the heap) were
-#: no faster once group commits left the worker thread, and the heap kept what they used:
-#: 13 MiB more peak RSS in ``memory_pressure.py --quick``.
+#: Bytes asked of the socket per read while reads come back full (less when the budget is
+#: small: :func:`read_size`). Above the 128 KiB mmap threshold (membudget.py), so a big read's
+#: memory goes back at once: fixed 64 KiB reads, from the heap, kept 13 MiB more peak RSS in
+#: ``memory_pressure.py --quick``.
 READ_SIZE = 256 * 1024
+#: A connection's first read, and its reads while frames are small (a crash and its ack at a
+#: time): from the heap, where freed reads are reused at once. A read allocates its size first,
+#: and a 256 KiB one is an mmap and a munmap (a TLB shootdown with threads running): 16% of
+#: the daemon's time in the end-to-end run (py-spy --gil). Reads grow to READ_SIZE while they
+#: come back full (:func:`_next_read`), so big frames still come in big reads.
+SMALL_READ = 16 * 1024
 #: Bytes an accepted event costs beyond its frame (the Python objects that hold it).
 EVENT_OVERHEAD = 512
 
@@ -127,6 +133,16 @@ def _frame_room(conn: _Connection, capacity: int) -> int:
     return min(2 * (conn.frame_total or conn.pending_bytes), capacity // 4)
 
 
+def _next_read(size: int, got: int, chunk: int) -> int:
+    """The next read's size: four times bigger after a full read (up to ``chunk``), half
+    after one that came back less than a quarter full (down to SMALL_READ)."""
+    if got >= size:
+        return min(chunk, size * 4)
+    if got < size // 4:
+        return max(min(SMALL_READ, chunk), size // 2)
+    return size
+
+
 def read_size(capacity: int, max_connections: int) -> int:
     """Bytes per read: every connection's read fits in a quarter of the budget."""
     return max(4096, min(READ_SIZE, capacity // (4 * max_connections)))
@@ -149,6 +165,7 @@ async def read_connection(
     # big frames waiting for room.
     reserved = Reservation(budget)
     reserved.grow(chunk)
+    size = SMALL_READ  # what the next read asks for: up to chunk while reads come back full
     clock = FrameClock(limits)
     tokens, refilled = limits.rate_limit, trio.current_time()
     try:
@@ -163,12 +180,13 @@ async def read_connection(
             started = trio.current_time()
             data = None
             with trio.move_on_at(clock.deadline(started)):
-                data = await stream.receive_some(chunk)
+                data = await stream.receive_some(size)
             if data is None:
                 code, message = clock.error()
                 await server._violation(info, send, ErrorMsg(code, message, fatal=True))
                 return True
             waited = trio.current_time() - started
+            size = _next_read(size, len(data), chunk)
             conn.receive_data(data)
             eof, data = not data, b""  # buffered now: do not hold a second copy while waiting
             completed = False
