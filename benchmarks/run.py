@@ -19,8 +19,8 @@ g. end to end: 16 producers' ``crash()`` delivered to the reference master, besi
 h. crash storm: the same with 64 KiB stack traces and outputs (``e2e.py``);
 i. fleet: N daemons at a real bot's rates against one master, batching and coalescing on and
    off (``fleet.py``);
-j. typed decode: msgspec's typed MessagePack decoder beside ``msgpack.unpackb`` on the stats
-   frame (``typed_decode.py``; skipped when msgspec is not installed).
+j. typed decode: msgspec's typed MessagePack decoder beside ``msgpack.unpackb`` and the
+   daemon's parser (which uses it first) on the stats frame (``typed_decode.py``).
 
 Acceptance is always timed by the daemon's cumulative acks (and checked against its ``status``),
 never by how fast clients write, so the figures stay meaningful whatever per-kind policy the

@@ -3,9 +3,9 @@ with a ``Struct`` type (decode and validate in C) beside ``msgpack.unpackb`` (de
 the daemon's own sans-I/O parser (``ServerConnection``: framing, decode, validation), on the
 same stats frames (issue 13, item 4's background). One process, no daemon, no I/O.
 
-``python benchmarks/typed_decode.py [--quick]`` (needs ``pip install msgspec``; without it the
-figure is skipped with a note). The wire format and ``protocol.py`` are untouched: this only
-measures.
+``python benchmarks/typed_decode.py [--quick]``. msgspec is a dependency since the daemon
+decodes events this way first (``pfcollector.typed``), so "daemon parser" is that fast path
+with its framing; the skip without msgspec stays for running this file against an older tree.
 """
 
 import argparse
