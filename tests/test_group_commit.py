@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,28 +46,32 @@ def _group(size: int, tracker: AckTracker, first: int, n: int = 4) -> list[Any]:
             for seq in range(first, first + n)]  # fmt: skip
 
 
+@pytest.fixture
+def committer(tmp_path: Path) -> Iterator[GroupCommitter]:
+    spool = Spool(tmp_path / "s.db")
+    yield GroupCommitter(spool, InputStore(tmp_path / "inputs"), crash_dedupe=False)
+    spool.close()
+
+
 async def test_small_groups_commit_on_the_loop_and_big_ones_in_a_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
-    committer = GroupCommitter(spool, inputs, crash_dedupe=False)
+    spool = committer.spool
     threads = _recording(monkeypatch)
     tracker = AckTracker()
     await committer.commit(_group(1024, tracker, 1))
-    await committer.commit(_group(INLINE_MAX_BYTES, tracker, 5))  # 1 MiB of inputs
+    await committer.commit(_group(INLINE_MAX_BYTES, tracker, 5))  # 4 MiB: past the limit
     assert threads[0] == threading.get_ident()
     assert threads[1] != threading.get_ident()
     assert committer.inline == 1
     assert tracker.ack_ready == 8 and not tracker.errors
     assert spool.total_count == 8
-    spool.close()
 
 
 async def test_a_held_spool_lock_sends_the_group_to_a_worker_and_the_loop_goes_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
-    committer = GroupCommitter(spool, inputs, crash_dedupe=False)
+    spool = committer.spool
     threads = _recording(monkeypatch)
     tracker = AckTracker()
     ticks = 0
@@ -90,14 +95,12 @@ async def test_a_held_spool_lock_sends_the_group_to_a_worker_and_the_loop_goes_o
     assert threads == [threads[0]] and threads[0] != threading.get_ident()
     assert ticks >= 10  # the loop ran while the group waited for the lock
     assert tracker.ack_ready == 4 and spool.total_count == 4
-    spool.close()
 
 
 async def test_another_process_holding_the_write_lock_does_not_hold_the_loop(
-    tmp_path: Path,
+    committer: GroupCommitter, tmp_path: Path
 ) -> None:
-    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
-    committer = GroupCommitter(spool, inputs, crash_dedupe=False)
+    spool = committer.spool
     other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # SQLite's write lock, held by another connection
     tracker = AckTracker()
@@ -111,15 +114,13 @@ async def test_another_process_holding_the_write_lock_does_not_hold_the_loop(
     assert tracker.ack_ready == 4 and spool.total_count == 4
     assert committer.inline == 0
     other.close()
-    spool.close()
 
 
 async def test_a_slow_commit_sends_commits_to_a_worker_for_a_while(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "pfcollector.ingest")
-    spool, inputs = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
-    committer = GroupCommitter(spool, inputs, crash_dedupe=False)
+    spool = committer.spool
     threads: list[int] = []
     real = Spool._commit
 
@@ -143,4 +144,3 @@ async def test_a_slow_commit_sends_commits_to_a_worker_for_a_while(
     monkeypatch.setattr(committer, "threaded_until", 0.0)  # the hold is over
     await committer.commit(_group(1024, tracker, 13))
     assert threads[-1] == threading.get_ident()
-    spool.close()
