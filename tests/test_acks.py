@@ -5,6 +5,7 @@ sent once made the ack overtake its own error, so a client took a refused event 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,6 +133,8 @@ async def test_an_ack_written_in_part_is_finished_before_anything_else(
 
     def short_write(fd: int, data: bytes) -> int:
         nonlocal short
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return real_write(fd, data)  # os is os: the input writer's files are not acks
         short += 1
         return real_write(fd, bytes(data[:3]))
 
