@@ -13,10 +13,11 @@ import pytest
 import trio
 import trio.testing
 
-from pfcollector import server as server_module
+from pfcollector import acks
+from pfcollector.acks import AckTracker, run_acker
 from pfcollector.config import Config
 from pfcollector.events import Kind
-from pfcollector.ingest import AckTracker, Pending
+from pfcollector.ingest import Pending
 from pfcollector.protocol import Ack, ErrorMsg, ServerMessage
 from pfcollector.server import Server
 
@@ -59,7 +60,7 @@ async def test_ack_never_overtakes_an_error(autojump_clock: trio.testing.MockClo
     channel, _ = trio.open_memory_channel[Pending](1)
     server = Server(Path("/nonexistent"), channel, _no_control)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(server._acker, tracker, send)
+        nursery.start_soon(run_acker, tracker, send, server.stats)
         tracker.settle(1, None)
         tracker.settle(2, ("disk_full", "full"))
         tracker.settle(3, ("disk_full", "full"))
@@ -86,7 +87,7 @@ async def test_acker_sends_the_last_ack_before_it_ends(
     channel, _ = trio.open_memory_channel[Pending](1)
     server = Server(Path("/nonexistent"), channel, _no_control)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(server._acker, tracker, send)
+        nursery.start_soon(run_acker, tracker, send, server.stats)
         tracker.settle(1, None)
         tracker.close()
     assert sent == [Ack(1)]
@@ -138,7 +139,7 @@ async def test_an_ack_written_in_part_is_finished_before_anything_else(
         short += 1
         return real_write(fd, bytes(data[:3]))
 
-    monkeypatch.setattr(server_module.os, "write", short_write)
+    monkeypatch.setattr(acks.os, "write", short_write)
     config = make_config()
     async with trio.open_nursery() as nursery:
         daemon = await start_daemon(nursery, config)

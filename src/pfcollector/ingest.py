@@ -19,13 +19,13 @@ import errno
 import logging
 import sqlite3
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from . import threads
+from .acks import AckTracker
 from .bugs import DedupeMode, crash_key, dedupe_mode
 from .events import Event, Kind
 from .idcheck import ID_CONFLICT, ID_CONFLICT_MESSAGE
@@ -63,97 +63,6 @@ INLINE_MAX_BYTES = 1024 * 1024
 SLOW_COMMIT_S = 0.05
 SLOW_DISK_HOLD_S = 30.0
 _CRASH = Kind.CRASH
-
-
-class AckTracker:
-    """Which events of one connection are settled, for its cumulative ack.
-
-    Every seq the connection handled is recorded in order; an event is settled when it is
-    stored (or refused). The ack may cover a seq only once it and every seq before it are
-    settled. Errors found after the reader moved on (spool full, write failure) wait in
-    :attr:`errors` to be sent before the ack that covers them.
-    """
-
-    def __init__(self) -> None:
-        self._order: deque[list[int | bool]] = deque()
-        self._open: dict[int, list[int | bool]] = {}
-        self.acked = 0
-        self.ack_ready = 0
-        #: (seq, code, message, kind) of events refused after the reader accepted them.
-        self.errors: list[tuple[int, str, str, str]] = []
-        self.changed = trio.Event()
-        self.closing = False
-        #: Sends an ack for this seq now, without waiting, or returns False (the connection's
-        #: sender is busy, the socket full): set by the server, None where nobody is acked.
-        self.send_now: Callable[[int], bool] | None = None
-
-    def close(self) -> None:
-        """The connection reads no more: the acker ends once everything is settled."""
-        self.closing = True
-        self.changed.set()
-
-    def submitted(self, seq: int) -> None:
-        """The reader handed ``seq`` to the spool; it is not settled yet."""
-        entry: list[int | bool] = [seq, False]
-        self._order.append(entry)
-        self._open[seq] = entry
-
-    def withdraw(self, seq: int) -> None:
-        """``seq`` never reached the spool (the reader was stopped): it must not be acked."""
-        entry = self._open.pop(seq, None)
-        if entry is not None and self._order and self._order[-1] is entry:
-            self._order.pop()
-        self.changed.set()
-
-    def handled(self, seq: int) -> None:
-        """``seq`` is settled at once (refused by validation, or accepted without the spool)."""
-        if self._order:
-            self._order.append([seq, True])
-        else:
-            self.ack_ready = max(self.ack_ready, seq)
-            self.changed.set()
-
-    def settle(
-        self, seq: int, error: tuple[str, str] | None, kind: str = "unknown", *, wake: bool = True
-    ) -> None:
-        """The spool is done with ``seq`` (an event of ``kind``): stored (``error`` is None)
-        or refused with ``error`` = (code, message). ``wake=False``: the caller calls
-        :meth:`ack_or_wake` once it has settled all it had."""
-        entry = self._open.pop(seq, None)
-        if entry is None:
-            return
-        entry[1] = True
-        if error is not None:
-            self.errors.append((seq, *error, kind))
-        while self._order and self._order[0][1]:
-            self.ack_ready = max(self.ack_ready, int(self._order.popleft()[0]))
-        if wake:
-            self.changed.set()
-
-    def ack_or_wake(self) -> None:
-        """Send the ack that is ready from here (:attr:`send_now`), or wake the acker task.
-
-        A group commit settles its events and acks each connection at once: waking the
-        connection's acker task to send it cost 0.18 ms of a crash's round trip (of 0.85).
-        Errors go through the acker (they come before the ack that covers them), and so does
-        everything when the connection is closing or its sender busy.
-        """
-        ready = self.ack_ready
-        if (ready > self.acked and not self.errors and not self.closing
-                and self.send_now is not None and self.send_now(ready)):  # fmt: skip
-            self.acked = ready
-            return
-        self.changed.set()
-
-    @property
-    def unsettled(self) -> int:
-        """Events handed to the spool and not yet stored."""
-        return len(self._open)
-
-    async def wait_changed(self) -> None:
-        """Wait until there is something new to tell the client."""
-        await self.changed.wait()
-        self.changed = trio.Event()
 
 
 @dataclass(slots=True)

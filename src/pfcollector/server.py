@@ -35,13 +35,13 @@ from typing import Any
 import trio
 
 from . import __version__
+from .acks import Outbound, run_acker
 from .activation import listen_socket
 from .events import Event, Kind
 from .ingest import AckTracker, Pending
 from .membudget import MemoryBudget, Reservation
 from .policies import COALESCED_KINDS, Coalescer
 from .protocol import (
-    Ack,
     Control,
     ErrorMsg,
     EventMsg,
@@ -50,7 +50,6 @@ from .protocol import (
     ServerConnection,
     ServerMessage,
     Welcome,
-    encode,
 )
 from .reader import READ_SIZE, read_connection
 
@@ -340,38 +339,8 @@ class Server:
         pid, uid, gid = _peer_credentials(stream.socket)
         info = ConnectionInfo(self._next_id, pid, uid, gid, time.time())
         self.stats.connections_total += 1
-        send_lock = trio.StrictFIFOLock()
-        rest = b""  # what send_now() could not write: it goes before anything else
-
-        async def send(msg: ServerMessage | None) -> None:
-            """Send ``msg`` (None: only what send_now() left), after what send_now() left."""
-            nonlocal rest
-            if msg is None and not rest:
-                return
-            async with send_lock:
-                if rest:
-                    data, rest = rest, b""
-                    await stream.send_all(data)
-                if msg is not None:
-                    await stream.send_all(encode(msg))
-
-        def send_now(seq: int) -> bool:
-            """An ack from the group commit, written at once if nothing else is being sent
-            (the socket is non-blocking; what does not fit waits for the acker's send)."""
-            nonlocal rest
-            if send_lock.locked() or rest:
-                return False
-            frame = encode(Ack(seq))
-            try:
-                written = os.write(stream.socket.fileno(), frame)
-            except BlockingIOError:
-                return False
-            except OSError:
-                return False  # gone: the acker's send finds out and the connection closes
-            rest = frame[written:]
-            if rest:
-                tracker.changed.set()  # the acker sends the rest
-            return True
+        out = Outbound(stream)
+        send = out.send
 
         async with stream:
             refusal = None
@@ -394,13 +363,12 @@ class Server:
                     await send(refusal)
                 return
             self.connections[info.id] = info
-            tracker = AckTracker()
-            tracker.send_now = send_now
+            tracker = out.tracker
             fatal = False
             try:
                 with trio.CancelScope() as closing:
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._acker, tracker, send)
+                        nursery.start_soon(run_acker, tracker, send, self.stats)
                         with trio.CancelScope() as reading:
                             self._readers.add(reading)
                             ingest_user = not self._stopping
@@ -427,32 +395,6 @@ class Server:
                 del self.connections[info.id]
             if fatal:
                 await self._linger(stream)
-
-    async def _acker(
-        self, tracker: AckTracker, send: Callable[[ServerMessage | None], Awaitable[None]]
-    ) -> None:
-        while True:
-            await tracker.wait_changed()
-            await send(None)  # the rest of an ack send_now() could not write whole, if any
-            # Take the errors and the ack point together: while the errors are being sent,
-            # a later group may settle, and its ack must not overtake its own errors.
-            errors, tracker.errors = tracker.errors, []
-            ready = tracker.ack_ready
-            for seq, code, message, kind in errors:
-                self.stats.errors[code] += 1  # spool_full, disk_full: refused after accept
-                self.stats.refuse(kind, code, accepted=True)
-                field = "id" if code == "id_conflict" else None
-                await send(ErrorMsg(code, message, seq=seq, field=field))
-            if ready > tracker.acked:
-                tracker.acked = ready
-                await send(Ack(ready))
-            if (
-                tracker.closing
-                and not tracker.unsettled
-                and not tracker.errors
-                and tracker.acked >= tracker.ack_ready
-            ):
-                return
 
     async def _violation(
         self,
