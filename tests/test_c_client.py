@@ -384,7 +384,11 @@ def test_outbox_file_is_the_crash_byte_for_byte(sender: Path, tmp_path: Path) ->
         assert repl.ask("reenter") == ["reenter 0"]
         info = repl.ask("info")[0].split()
         assert info[1] == "0" and info[5] == "2" and info[6] == str(outbox)  # reenter: not counted
-        assert repl.ask("lifecycle") == ["lifecycle 0"] and repl.ask("stats 5") == ["stats 0 0"]
+        assert repl.ask("lifecycle") == ["lifecycle 0"]
+        # Every call returns 0 (kept or dropped). The second number, the slowest call in ms, is
+        # not this test's to judge (a loaded CI machine once took 1 ms): a hang past the budget
+        # is caught by the 1 s bound in test_stopped_daemon_costs_a_call_its_budget_at_most.
+        assert repl.ask("stats 5")[0].split()[:2] == ["stats", "0"]
     finally:
         repl.close()  # pf_close: the kept lifecycle event goes to the outbox, stats do not
     events = outbox_events(outbox)
