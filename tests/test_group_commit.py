@@ -93,7 +93,7 @@ async def test_a_held_spool_lock_sends_the_group_to_a_worker_and_the_loop_goes_o
     finally:
         release.join()
     assert threads == [threads[0]] and threads[0] != threading.get_ident()
-    assert ticks >= 10  # the loop ran while the group waited for the lock
+    assert ticks >= 5  # the loop ran while the group waited 0.3 s (about 30 ticks; held: 1)
     assert tracker.ack_ready == 4 and spool.total_count == 4
 
 
@@ -108,7 +108,9 @@ async def test_another_process_holding_the_write_lock_does_not_hold_the_loop(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(committer.commit, _group(1024, tracker, 1))
         await trio.sleep(0.2)
-        assert trio.current_time() - started < 0.5  # this task ran: the loop was not held
+        # This task ran on time: the loop was not held for SQLite's 5 s busy timeout (a loaded
+        # machine may be late by a second, never by five).
+        assert trio.current_time() - started < 3.0
         assert tracker.ack_ready == 0
         other.execute("ROLLBACK")
     assert tracker.ack_ready == 4 and spool.total_count == 4
