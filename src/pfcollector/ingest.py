@@ -183,9 +183,9 @@ class GroupCommitter:
     async def _store(
         self, group: list[Pending]
     ) -> tuple[list[str | None], list[list[tuple[str, bytes]]]]:
-        """Write the group durably: its inserts here and only the COMMIT (the fsync) in a
-        worker thread when the group is small and the spool free at once, else all of it in
-        the thread. Not cancellable: a commit that started finishes, so its acks are true.
+        """Write the group durably: here, fsync included, when the group is small and the
+        spool free at once (:meth:`Spool.append_now`), else in a worker thread. Not
+        cancellable: a commit that started finishes, so its acks are true.
 
         Why not always the thread: its Python (a crash's fields, the spool's rows) competes
         for the GIL with the event loop, and the hop there and back costs more CPU than the
@@ -196,9 +196,8 @@ class GroupCommitter:
         """
         if time.monotonic() >= self.threaded_until and _small(group):
             events, sizes, keys, blobs = self._prepare(group)
-            if self.spool.try_begin():
-                results = self.spool.insert_begun(events, sizes, keys, blobs)
-                self.spool.commit_begun()  # the fsync, here: cheaper than the hop (see above)
+            results = self.spool.append_now(events, sizes, keys, blobs)  # fsync included
+            if results is not None:
                 self.inline += 1
             else:  # the pipeline deleting, the input writer, another process: wait there
                 results = await threads.run_sync(self.spool.append, events, sizes, keys, blobs)

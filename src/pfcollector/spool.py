@@ -10,8 +10,10 @@ in one transaction, so many events share one fsync (group commit). An event is a
 its producer only after the transaction holding it has committed.
 
 Resource handling:
-    One ``sqlite3`` connection, used from worker threads (``trio.to_thread``) one call at a
-    time under a lock. :meth:`Spool.close` checkpoints the WAL.
+    One ``sqlite3`` connection writes, one call at a time under a lock: from worker threads
+    (``trio.to_thread``), and :meth:`Spool.append_now` from the event loop's thread when
+    nothing has to be waited for. :meth:`Spool.read_after` reads on a second connection.
+    :meth:`Spool.close` checkpoints the WAL.
 
 Error handling:
     ``sqlite3.Error`` and ``OSError`` propagate to the caller: the group commit turns them into
@@ -137,7 +139,8 @@ class Spooled:
 
 
 class Spool(DeadLetters, InputJournal, SeenKeys):
-    """The durable store. Every method is blocking and thread-safe; call from a worker thread.
+    """The durable store. Every method is blocking and thread-safe; call from a worker thread
+    (:meth:`append_now` never waits: the event loop's thread may call it).
 
     Listing and requeueing dead letters: :class:`~pfcollector.deadletters.DeadLetters`.
     """
@@ -200,72 +203,56 @@ class Spool(DeadLetters, InputJournal, SeenKeys):
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            try:
-                results = self._insert(events, sizes, keys, blobs)
-                self._commit()
-            except BaseException:
-                _rollback(self._db)
-                self._reload_totals()
-                raise
-        return results
+            return self._write_group(events, sizes, keys, blobs)
 
-    # A group commit in two steps, for the event loop's own thread (ingest.py): the inserts
-    # there, holding the lock and the transaction, and only the COMMIT (its fsync) in a
-    # worker thread. The lock is a ``threading.Lock``: the thread that commits releases it.
-
-    def try_begin(self) -> bool:
-        """Take the lock and open a write transaction now, or return False at once (another
-        holder of the lock, or another connection holding SQLite's write lock)."""
-        if not self._lock.acquire(blocking=False):
-            return False
-        db = self._db
-        try:
-            db.execute("PRAGMA busy_timeout=0")
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            finally:
-                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        except sqlite3.Error:
-            _rollback(db)
-            self._lock.release()
-            return False
-        return True
-
-    def insert_begun(
+    def append_now(
         self,
         events: Sequence[Event],
         sizes: Sequence[int] | None = None,
         keys: Sequence[Sequence[str] | None] | None = None,
         blobs: Sequence[Sequence[tuple[str, bytes]]] | None = None,
-    ) -> list[str | None]:
-        """:meth:`append`'s inserts in the transaction :meth:`try_begin` opened; on an error
-        it is rolled back and the lock released. :meth:`commit_begun` must follow."""
-        try:
-            return self._insert(events, sizes, keys, blobs)
-        except BaseException:
-            self._abort_begun()
-            raise
+    ) -> list[str | None] | None:
+        """:meth:`append`, if nothing has to be waited for; else ``None``, nothing written.
 
-    def commit_begun(self) -> None:
-        """Commit the transaction :meth:`try_begin` opened (from any thread), release the lock."""
+        For the event loop's own thread (ingest.py): it never waits for the lock (another
+        thread's write) or for SQLite's write lock (another connection: ``busy_timeout`` 0).
+        """
+        if not self._lock.acquire(blocking=False):
+            return None
         try:
+            db = self._db
+            db.execute("PRAGMA busy_timeout=0")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error:
+                return None
+            finally:
+                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            return self._write_group(events, sizes, keys, blobs)
+        finally:
+            self._lock.release()
+
+    def _write_group(
+        self,
+        events: Sequence[Event],
+        sizes: Sequence[int] | None,
+        keys: Sequence[Sequence[str] | None] | None,
+        blobs: Sequence[Sequence[tuple[str, bytes]]] | None,
+    ) -> list[str | None]:
+        """Inserts and COMMIT in the transaction the caller began, holding the lock."""
+        try:
+            results = self._insert(events, sizes, keys, blobs)
             self._commit()
         except BaseException:
-            self._abort_begun()
+            _rollback(self._db)
+            self._reload_totals()
             raise
-        self._lock.release()
+        return results
 
     def _commit(self) -> None:
         started = time.monotonic()
         self._db.execute("COMMIT")
         self.last_commit_s = time.monotonic() - started
-
-    def _abort_begun(self) -> None:
-        try:
-            _rollback(self._db)
-            self._reload_totals()
-        finally:
-            self._lock.release()
 
     def _insert(
         self,
@@ -274,7 +261,7 @@ class Spool(DeadLetters, InputJournal, SeenKeys):
         keys: Sequence[Sequence[str] | None] | None,
         blobs: Sequence[Sequence[tuple[str, bytes]]] | None,
     ) -> list[str | None]:
-        """The body of :meth:`append`, inside its transaction (the caller commits)."""
+        """The rows of a group, inside its transaction (the caller commits)."""
         results: list[str | None] = []
         delta: Counter[tuple[str, str]] = Counter()
         # Written once per group (executemany), not per event: the per-statement cost, not
@@ -298,9 +285,7 @@ class Spool(DeadLetters, InputJournal, SeenKeys):
                     continue
                 ev, fresh = deduped
             body = pack(dict(ev.fields))
-            digest = idcheck.body_digest(
-                body if ev.fields is sent else pack(sent)
-            )
+            digest = idcheck.body_digest(body if ev.fields is sent else pack(sent))
             size = len(body) + (sizes[i] if sizes else 0)
             if self.total_bytes + size > self.max_bytes and not self._make_room(
                 ev.kind, size, delta
