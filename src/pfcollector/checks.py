@@ -17,7 +17,9 @@ from .events import FILE_NAME_MAX, INT64_MAX, INT64_MIN, FieldSpec
 
 __all__ = [
     "ID_MAX",
+    "ID_PATTERN",
     "NAME_MAX",
+    "NAME_PATTERN",
     "Checker",
     "ErrorMsg",
     "FrameError",
@@ -32,7 +34,11 @@ NAME_MAX = 256
 #: Longest event ``id`` (characters of ``[A-Za-z0-9._:-]``).
 ID_MAX = 64
 
-_CONTROL_CHAR_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: An event id: 1..ID_MAX characters of ``[A-Za-z0-9._:-]`` (``\Z``: ``$`` would allow a newline).
+ID_PATTERN = rf"^[A-Za-z0-9._:-]{{1,{ID_MAX}}}\Z"
+#: A job or fuzzer name: non-empty, no control characters (its length is bounded apart).
+NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+\Z"
+_NAME_RE = re.compile(NAME_PATTERN)
 _MISSING: Any = object()
 _INT_SPECS = {name: FieldSpec(name, int) for name in ("seq", "v", "pid", "req", "max_frame")}
 _WIRE_TYPE = {
@@ -157,7 +163,7 @@ class Checker:
             return None
         if len(value) > NAME_MAX:
             raise self.fail("too_long", name, f"is {len(value)} characters, limit {NAME_MAX}")
-        if not value or _CONTROL_CHAR_RE.search(value):
+        if not _NAME_RE.match(value):
             raise self.fail("out_of_range", name, "must be non-empty without control characters")
         return value
 

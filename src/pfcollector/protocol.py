@@ -27,6 +27,7 @@ import msgpack
 
 from pfcollector.checks import (
     ID_MAX,
+    ID_PATTERN,
     NAME_MAX,
     Checker,
     ErrorMsg,
@@ -71,7 +72,7 @@ SUPPORTED_VERSIONS: frozenset[int] = frozenset({1})
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 HEADER_SIZE = 4
 _HEADER = struct.Struct(">I")
-_ID_RE = re.compile(rf"[A-Za-z0-9._:-]{{1,{ID_MAX}}}")
+_ID_RE = re.compile(ID_PATTERN)  # the typed path checks the same pattern
 _KINDS: dict[str, Kind] = {kind.value: kind for kind in Kind}
 _CORPUS = Kind.CORPUS  # a module constant: reading an enum member off its class is slow
 _SPECS: dict[Kind, tuple[FieldSpec, ...]] = dict(SCHEMAS)

@@ -24,26 +24,22 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-from .checks import ID_MAX, NAME_MAX
+from .checks import ID_PATTERN, NAME_MAX, NAME_PATTERN
 from .events import FILE_NAME_MAX, INT64_MAX, INT64_MIN, SCHEMAS, FieldSpec, Kind
 
-__all__ = ["ID_PATTERN", "NAME_PATTERN", "TS_LIMIT", "decode_event"]
+__all__ = ["TS_LIMIT", "decode_event"]
 
-#: An event id: 1..64 characters of ``[A-Za-z0-9._:-]`` (``\Z``: ``$`` would allow a newline).
-ID_PATTERN = rf"^[A-Za-z0-9._:-]{{1,{ID_MAX}}}\Z"
-#: A job or fuzzer name: non-empty, no control characters (the length is bounded apart).
-NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+\Z"
 #: Timestamps are seconds since the epoch whose nanoseconds fit in int64.
 TS_LIMIT = INT64_MAX / 1e9
 
-_MISSING: Any = msgspec.UNSET
+_REQUIRED: Any = msgspec.UNSET  # an envelope key without a default
 
 
 _FILE_NAME = Annotated[str, msgspec.Meta(max_length=FILE_NAME_MAX)]
 
 
 def _annotation(spec: FieldSpec) -> Any:
-    """The msgspec type of one field: what :meth:`_Checker.field` accepts without changing it."""
+    """The msgspec type of one field: what :meth:`.checks.Checker.field` accepts unchanged."""
     if spec.type is int or spec.type is float:
         low, high = spec.bounds()
         return Annotated[spec.type, msgspec.Meta(ge=low, le=high)]
@@ -63,8 +59,8 @@ def _annotation(spec: FieldSpec) -> Any:
 _ID = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 _NAME = Annotated[str, msgspec.Meta(max_length=NAME_MAX, pattern=NAME_PATTERN)]
 _ENVELOPE: list[tuple[str, Any, Any]] = [
-    ("t", Literal["event"], _MISSING),
-    ("seq", Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)], _MISSING),
+    ("t", Literal["event"], _REQUIRED),
+    ("seq", Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)], _REQUIRED),
     ("id", _ID | None, None),
     ("ts", int | float | None, None),
     ("job_id", _NAME | None, None),
@@ -78,7 +74,7 @@ def _struct(kind: Kind, specs: tuple[FieldSpec, ...]) -> type[msgspec.Struct]:
         fields.append((spec.name, annotation) if spec.required else
                       (spec.name, annotation, spec.default))  # fmt: skip
     for name, annotation, default in _ENVELOPE:
-        fields.append((name, annotation) if default is _MISSING else (name, annotation, default))
+        fields.append((name, annotation) if default is _REQUIRED else (name, annotation, default))
     return msgspec.defstruct(f"{kind.value.capitalize()}Event", fields, tag_field="kind",
                              tag=kind.value, forbid_unknown_fields=True, kw_only=True)  # fmt: skip
 
