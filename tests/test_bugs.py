@@ -21,11 +21,12 @@ from typer.testing import CliRunner
 
 import pfclient
 from pfcollector import bugs
+from pfcollector.acks import AckTracker
 from pfcollector.cli import app
 from pfcollector.config import Config, ConfigError, load
 from pfcollector.devmaster import DevMaster
 from pfcollector.events import Event, Kind
-from pfcollector.ingest import AckTracker, GroupCommitter, Pending
+from pfcollector.ingest import GroupCommitter, Pending
 from pfcollector.inputs import InputStore
 from pfcollector.metrics import Metrics
 from pfcollector.spool import Spool

@@ -21,7 +21,8 @@ import pytest
 import trio
 
 from pfcollector import ingest
-from pfcollector.ingest import INLINE_MAX_BYTES, SLOW_COMMIT_S, AckTracker, GroupCommitter
+from pfcollector.acks import AckTracker
+from pfcollector.ingest import INLINE_MAX_BYTES, SLOW_COMMIT_S, GroupCommitter
 from pfcollector.inputs import InputStore
 from pfcollector.spool import Spool
 

@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 import trio
 
+from pfcollector.acks import AckTracker
 from pfcollector.events import Event, Kind
-from pfcollector.ingest import INLINE_MAX_BYTES, AckTracker, GroupCommitter, InputWriter, Pending
+from pfcollector.ingest import INLINE_MAX_BYTES, GroupCommitter, Pending
 from pfcollector.inputs import InputStore
+from pfcollector.inputwriter import InputWriter
 from pfcollector.membudget import MemoryBudget, Reservation
 from pfcollector.spool import Spool
 

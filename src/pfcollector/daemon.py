@@ -33,8 +33,9 @@ from .bugs import list_bugs, top_per_job, top_repeats
 from .config import Config, ConfigError, runtime_changes
 from .datalock import DataDirLock
 from .events import Kind
-from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, InputWriter, Pending
+from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, Pending
 from .inputs import InputStore
+from .inputwriter import InputWriter
 from .logs import set_level
 from .master import RegisterError
 from .membudget import MemoryBudget, tune_allocator

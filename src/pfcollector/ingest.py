@@ -41,9 +41,7 @@ __all__ = [
     "INLINE_MAX_EVENTS",
     "SLOW_COMMIT_S",
     "SLOW_DISK_HOLD_S",
-    "AckTracker",
     "GroupCommitter",
-    "InputWriter",
     "Pending",
 ]
 

@@ -43,8 +43,9 @@ from typing import Any
 
 import trio
 
+from .acks import AckTracker
 from .events import Event, Kind
-from .ingest import AckTracker, Pending
+from .ingest import Pending
 from .membudget import MemoryBudget, Reservation
 from .protocol import HEADER_SIZE, EventMsg, Hello, ProtocolError, ServerConnection
 

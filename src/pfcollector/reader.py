@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .ingest import AckTracker
+from .acks import AckTracker
 from .membudget import Reservation
 from .policies import COALESCED_KINDS
 from .protocol import (

@@ -35,10 +35,10 @@ from typing import Any
 import trio
 
 from . import __version__
-from .acks import Outbound, run_acker
+from .acks import AckTracker, Outbound, run_acker
 from .activation import listen_socket
 from .events import Event, Kind
-from .ingest import AckTracker, Pending
+from .ingest import Pending
 from .membudget import MemoryBudget, Reservation
 from .policies import COALESCED_KINDS, Coalescer
 from .protocol import (
