@@ -137,10 +137,14 @@ func TestEveryBotEventTypeReachesTheMaster(t *testing.T) {
 	if crash["bot_id"] != "go-bot" || !strings.HasPrefix(crash["id"].(string), "crash-") {
 		t.Fatalf("crash ids %v", crash)
 	}
-	stored, err := os.ReadFile(crash["file_path"].(string))
-	if err != nil {
-		t.Fatalf("the input store: %v", err)
-	}
+	// The file is written off the ack path (by the daemon's input writer process): it can
+	// appear a little after the master has the crash.
+	var stored []byte
+	waitFor(t, "the input file", func() bool {
+		var err error
+		stored, err = os.ReadFile(crash["file_path"].(string))
+		return err == nil
+	})
 	if got := sha256.Sum256(stored); hex.EncodeToString(got[:]) != want {
 		t.Fatalf("input store holds %x", stored)
 	}

@@ -34,6 +34,7 @@ from .config import Config, ConfigError, runtime_changes
 from .datalock import DataDirLock
 from .events import Kind
 from .ingest import INGEST_QUEUE_SIZE, GroupCommitter, Pending
+from .inputproc import InputProcess
 from .inputs import InputStore
 from .inputwriter import InputWriter
 from .logs import set_level
@@ -89,7 +90,8 @@ class Daemon:
         tune_allocator()
         self.ingest_send, self.ingest_recv = trio.open_memory_channel[Pending](INGEST_QUEUE_SIZE)
         self.committer = GroupCommitter(self.spool, self.inputs, crash_dedupe=config.crash_dedupe)
-        self.input_writer = InputWriter(self.spool, self.inputs, self.budget)
+        self.input_files = InputProcess(self.inputs)  # a child process writes the files
+        self.input_writer = InputWriter(self.spool, self.inputs, self.budget, self.input_files)
         self.committer.on_commit(self.input_writer.notify)
         self.committer.hand_inputs_to(self.input_writer)  # no read-back of fresh inputs
         self.access = Access.of(config.admins)  # who may tune, flush, see everything
@@ -505,6 +507,7 @@ class Daemon:
                 "max_bytes": self.spool.max_bytes,
                 "write_error": self.committer.failing,
                 "inputs_pending": await trio.to_thread.run_sync(self.spool.pending_input_count),
+                "input_writer": self.input_files.status(),
                 "kinds": spool_status,
             },
             "policies": await self._policies(),

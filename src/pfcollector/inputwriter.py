@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Sequence
+from typing import Protocol
 
 import trio
 
@@ -35,7 +37,7 @@ from .inputs import InputStore
 from .membudget import MemoryBudget, Reservation
 from .spool import Spool
 
-__all__ = ["GATHER_INPUTS_S", "InputWriter"]
+__all__ = ["GATHER_INPUTS_S", "FileWrites", "InputWriter", "ThreadWrites"]
 
 log = logging.getLogger("pfcollector.ingest")
 
@@ -45,14 +47,47 @@ GATHER_INPUTS_S = 0.05
 Batch = list[tuple[str, bytes]]
 
 
+class FileWrites(Protocol):
+    """Writes a batch's files durably (:meth:`InputStore.write`), somewhere off the loop."""
+
+    async def start(self) -> None: ...
+
+    async def write(self, items: Sequence[tuple[str, bytes]]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ThreadWrites:
+    """:meth:`InputStore.write` in trio's worker thread."""
+
+    def __init__(self, inputs: InputStore) -> None:
+        self.inputs = inputs
+
+    async def start(self) -> None:
+        pass
+
+    async def write(self, items: Sequence[tuple[str, bytes]]) -> None:
+        await threads.run_sync(self.inputs.write, items)
+
+    async def aclose(self) -> None:
+        pass
+
+
 class InputWriter:
     """Writes journalled inputs into their files, then forgets them in the journal."""
 
     def __init__(
-        self, spool: Spool, inputs: InputStore, budget: MemoryBudget | None = None
+        self,
+        spool: Spool,
+        inputs: InputStore,
+        budget: MemoryBudget | None = None,
+        files: FileWrites | None = None,
     ) -> None:
         self.spool = spool
         self.inputs = inputs
+        #: Who writes the files: a worker thread unless given (the daemon gives a child
+        #: process, :class:`pfcollector.inputproc.InputProcess`).
+        self.files: FileWrites = files or ThreadWrites(inputs)
         self.written = 0
         #: Inputs handed over by commits (rather than read back from the journal), since start.
         self.handed = 0
@@ -98,6 +133,13 @@ class InputWriter:
 
     async def run(self) -> None:
         """Write batches until cancelled."""
+        try:
+            await self.files.start()  # ready before the first crash's batch
+            await self._run()
+        finally:
+            await self.files.aclose()
+
+    async def _run(self) -> None:
         backoff = 0.0
         while True:
             hold: Reservation | None = None
@@ -120,7 +162,7 @@ class InputWriter:
                     # instead of one per commit (the bytes are durable in the journal).
                     await trio.sleep(GATHER_INPUTS_S)
                     continue
-                await threads.run_sync(self.inputs.write, batch)
+                await self.files.write(batch)
                 await threads.run_sync(self.spool.drop_inputs, [sha for sha, _ in batch])
                 written, batch = len(batch), []
             except (OSError, sqlite3.Error) as exc:  # a full disk: files or spool

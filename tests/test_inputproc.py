@@ -1,0 +1,252 @@
+"""Crash input files written by a child process (pfcollector.inputproc). Rules: a batch's files
+are durable and private before its reply; a child that dies or answers garbage fails only its
+batch (the bytes stay in the spool's journal) and the next batch starts a new one; a child that
+never gets going leaves the files to a worker thread; a child outlives neither its daemon's stop
+nor its ``kill -9``; the child takes no file name it did not expect."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+import pfclient
+from pfcollector import inputproc
+from pfcollector.acks import AckTracker
+from pfcollector.config import Config
+from pfcollector.ingest import GroupCommitter
+from pfcollector.inputproc import InputProcess
+from pfcollector.inputs import InputStore
+from pfcollector.inputwriter import InputWriter
+from pfcollector.spool import Spool
+
+from .conftest import start_daemon
+from .test_inputs import crash_pending, until
+
+
+def items(*contents: bytes) -> list[tuple[str, bytes]]:
+    return [(hashlib.sha256(c).hexdigest(), c) for c in contents]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_a_batch_is_on_disk_and_private_when_write_returns(tmp_path: Path) -> None:
+    store = InputStore(tmp_path / "inputs")
+    writer = InputProcess(store)
+    try:
+        await writer.write(items(b"one", b"two"))
+        await writer.write(items(b"three", b"one"))  # an existing file is fine
+        assert writer.started == 1  # one child for every batch
+        proc = writer._proc
+        assert proc is not None
+        assert proc.pid != os.getpid()
+    finally:
+        await writer.aclose()
+    assert proc.returncode == 0  # it exits on its own once its stdin closes
+    for content in (b"one", b"two", b"three"):
+        path = store.path_for(hashlib.sha256(content).hexdigest())
+        assert path.read_bytes() == content
+        assert not stat.S_IMODE(path.stat().st_mode) & 0o027  # no group write, no others
+    assert not list(store.root.glob("*/*.tmp"))
+
+
+async def test_a_killed_child_fails_its_batch_and_the_next_starts_another(
+    tmp_path: Path,
+) -> None:
+    store = InputStore(tmp_path / "inputs")
+    writer = InputProcess(store)
+    try:
+        await writer.write(items(b"first"))
+        first = writer._proc
+        assert first is not None
+        os.kill(first.pid, signal.SIGKILL)
+        await first.wait()
+        await writer.write(items(b"second"))  # died between batches: the next gets a new one
+        assert writer.started == 2
+        assert not writer.in_thread
+    finally:
+        await writer.aclose()
+    assert store.path_for(hashlib.sha256(b"second").hexdigest()).read_bytes() == b"second"
+
+
+async def test_a_disk_error_in_the_child_comes_back_as_that_oserror(tmp_path: Path) -> None:
+    store = InputStore(tmp_path / "inputs")
+    writer = InputProcess(store)
+    (store.root / "ab").write_bytes(b"")  # the fan-out directory's name is taken by a file
+    try:
+        with pytest.raises(NotADirectoryError, match="not a directory") as raised:
+            await writer.write([("ab" + "0" * 62, b"y")])
+        assert raised.value.errno == errno.ENOTDIR
+        assert writer.started == 1  # an answer, not a broken child: the same child goes on
+        await writer.write(items(b"fine"))
+        assert writer.started == 1
+    finally:
+        await writer.aclose()
+
+
+async def test_a_child_that_cannot_start_leaves_the_files_to_a_thread(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    spool, store = Spool(tmp_path / "s.db"), InputStore(tmp_path / "inputs")
+    files = InputProcess(store)
+    files.command = [sys.executable, "-c", "import sys; sys.exit(3)"]  # dies before answering
+    writer = InputWriter(spool, store, files=files)
+    await GroupCommitter(spool, store).commit([crash_pending(b"kept", AckTracker(), 1)])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await until(lambda: spool.pending_input_count() == 0, 120)
+        nursery.cancel_scope.cancel()
+    assert files.in_thread
+    assert files.started == inputproc.START_FAILURES
+    assert store.path_for(hashlib.sha256(b"kept").hexdigest()).read_bytes() == b"kept"
+
+
+async def test_a_child_dying_mid_batch_fails_that_batch(tmp_path: Path) -> None:
+    store = InputStore(tmp_path / "inputs")
+    writer = InputProcess(store)
+    writer.command = [sys.executable, "-c", "import sys; sys.stdin.buffer.read(4)"]
+    try:
+        with pytest.raises(OSError, match="input writer process stopped") as raised:
+            await writer.write(items(b"x"))
+        assert raised.value.errno == errno.EPIPE
+        assert writer._proc is None  # reaped: the next batch starts another
+    finally:
+        await writer.aclose()
+
+
+async def test_a_child_answering_garbage_is_replaced(tmp_path: Path) -> None:
+    store = InputStore(tmp_path / "inputs")
+    writer = InputProcess(store)
+    script = "import sys; sys.stdin.buffer.read(4); sys.stdout.buffer.write(b'\\0\\0\\0\\1\\xc1')"
+    writer.command = [sys.executable, "-c", script]
+    try:
+        with pytest.raises(OSError, match="garbage"):
+            await writer.write(items(b"x"))
+        assert writer._proc is None  # killed and reaped: the next batch starts another
+    finally:
+        await writer.aclose()
+
+
+def test_the_child_takes_no_name_but_a_sha256(tmp_path: Path) -> None:
+    store = InputStore(tmp_path / "inputs")
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    bad = [["../../escaped", b"x"]]
+    good = [[hashlib.sha256(b"ok").hexdigest(), b"ok"]]
+    for batch in (bad, good, "not a list"):
+        body = msgpack.packb(batch, use_bin_type=True)
+        os.write(to_child_w, len(body).to_bytes(4, "big") + body)
+    os.close(to_child_w)
+    assert inputproc.serve(store, to_child_r, from_child_w) == 0  # until end of file
+    os.close(from_child_w)
+    out = os.read(from_child_r, 1 << 16)
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(_frames(out))
+    replies = list(unpacker)
+    assert replies[0][0] == errno.EPROTO
+    assert "bad item name '../../escaped'" in replies[0][1]
+    assert replies[1] is None
+    assert replies[2][0] == errno.EPROTO
+    assert not (tmp_path / "escaped").exists()
+    assert store.path_for(good[0][0]).read_bytes() == b"ok"
+
+
+def _frames(out: bytes) -> bytes:
+    """The bodies of length-prefixed frames, concatenated (MessagePack reads them in turn)."""
+    bodies, at = [], 0
+    while at < len(out):
+        n = int.from_bytes(out[at : at + 4], "big")
+        bodies.append(out[at + 4 : at + 4 + n])
+        at += 4 + n
+    return b"".join(bodies)
+
+
+async def test_the_daemon_writes_inputs_in_a_child_and_stops_it(
+    make_config: Callable[..., Config], nursery: trio.Nursery
+) -> None:
+    config = make_config()
+    daemon = await start_daemon(nursery, config)
+    files = daemon.input_writer.files
+    assert isinstance(files, InputProcess)
+
+    def produce() -> str:
+        with pfclient.Client(str(config.socket_path), job_id="job-1", fuzzer="t") as client:
+            return client.crash("SEGV", b"an input", signal=11)
+
+    await trio.to_thread.run_sync(produce)
+    sha = hashlib.sha256(b"an input").hexdigest()
+    await until(lambda: daemon.inputs.path_for(sha).exists())
+    proc = files._proc
+    assert proc is not None
+    assert alive(proc.pid)
+    status = (await daemon.status())["spool"]
+    assert status["input_writer"] == {"pid": proc.pid, "starts": 1, "in_thread": False}
+    assert status["inputs_pending"] == 0
+    daemon.stop()
+    await until(lambda: proc.returncode is not None)
+    assert proc.returncode == 0  # stopped by its closed stdin, not killed
+
+
+def test_a_daemon_killed_with_sigkill_leaves_no_writer_behind(tmp_path: Path) -> None:
+    data, sock = tmp_path / "data", tmp_path / "pf.sock"
+    data.mkdir(mode=0o750)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "pfcollector", "serve", "--data-dir", str(data),
+         "--socket", str(sock)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = _connect(sock)
+        with client:
+            client.crash("SEGV", b"before the kill", signal=11)
+        children = _wait_for_child(daemon.pid)
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(alive(pid) for pid in children), "the input writer outlived its daemon"
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+def _connect(sock: Path) -> pfclient.Client:
+    """A client once the daemon listens (pfclient itself is fail-open: it would not wait)."""
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError("the daemon never listened")
+        time.sleep(0.05)
+    return pfclient.Client(str(sock), job_id="job-1", fuzzer="t", timeout=5, fail_open=False)
+
+
+def _wait_for_child(pid: int) -> list[int]:
+    """The daemon's child processes, once it has one (its input writer)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError("the daemon started no input writer")
