@@ -156,11 +156,7 @@ class DaemonProc:
 
     def vmhwm_kib(self) -> int:
         """Peak resident set size so far (``VmHWM``), KiB."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        raise BenchError(f"no VmHWM for pid {self.pid}")
+        return vmhwm_kib(self.pid)
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM the daemon, wait (bounded) for it (and its py-spy) to exit."""
@@ -379,3 +375,12 @@ def run_clients(
             with open(work / f"client{i}.lat", "rb") as f:
                 lat.frombytes(f.read())
     return ClientRun(results, t_go, lat)
+
+
+def vmhwm_kib(pid: int) -> int:
+    """Peak resident set size so far (``VmHWM``) of process ``pid``, KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmHWM for pid {pid}")

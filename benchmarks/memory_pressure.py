@@ -1,6 +1,7 @@
 """Memory under pressure: ``python benchmarks/memory_pressure.py [--quick] [--out FILE.json]``.
 
-The daemon's peak RSS (``VmHWM``) must stay within ``memory_budget + 100 MiB`` while many
+The daemon's peak RSS (``VmHWM``) must stay within ``memory_budget + 100 MiB`` (and its input
+writer child's within its batch, an eighth of the budget, plus one item and 32 MiB) while many
 producers send big events and nothing drains: another process holds the spool's SQLite write
 lock (``BEGIN IMMEDIATE`` on ``spool.db``) and the master is down (a closed port). Two loads:
 
@@ -45,6 +46,8 @@ MIB = 1024 * 1024
 _HEADER = struct.Struct(">I")
 #: Slack over the budget the daemon may use: the interpreter, SQLite's page cache, threads.
 SLACK_MIB = 100
+#: The input writer child's slack over its batch and one item: its interpreter and imports.
+WRITER_SLACK_MIB = 32
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -197,6 +200,8 @@ def _run_load(root: Path, name: str, load: dict[str, Any], budget: int, stall_s:
         elapsed = time.monotonic() - started
         status = daemon.status()
         rss = daemon.vmhwm_kib()
+        writer_pid = status["spool"]["input_writer"]["pid"]  # the child writing input files
+        writer_rss = h.vmhwm_kib(writer_pid) if writer_pid else 0
     finally:
         if locker is not None and locker.poll() is None:
             locker.kill()
@@ -220,6 +225,7 @@ def _run_load(root: Path, name: str, load: dict[str, Any], budget: int, stall_s:
     if spooled != acked:
         raise h.BenchError(f"{name}: {acked} durable events acked but {spooled} in the spool")
     sent_bytes = sum(len(f) for c in conns for _, f in c.frames)
+    item_mib = -(-max(load["crash"], load["corpus"]) // MIB)
     peak_mib = rss / 1024
     return {
         "connections": load["connections"],
@@ -238,6 +244,10 @@ def _run_load(root: Path, name: str, load: dict[str, Any], budget: int, stall_s:
         "held_back_while_stalled": stalled_status["memory"]["waiting"],
         "bound_mib": budget // MIB + SLACK_MIB,
         "within_bound": peak_mib <= budget / MIB + SLACK_MIB,
+        # The input writer's child holds one batch (an eighth of the budget, one item past it).
+        "writer_peak_rss_mib": round(writer_rss / 1024, 1),
+        "writer_bound_mib": (writer_bound := budget // 8 // MIB + item_mib + WRITER_SLACK_MIB),
+        "writer_within_bound": writer_rss / 1024 <= writer_bound,
         "seconds": round(elapsed, 1),
     }
 
@@ -251,6 +261,11 @@ def bench_pressure(root: Path, quick: bool) -> dict[str, Any]:
         spool_max = 4 * load["connections"] * load["events"] * max(load["crash"], load["corpus"])
         result = _run_load(root, f"pressure-{name}", load, budget, size["stall_s"], spool_max)
         out[name] = result
+        if not result["writer_within_bound"]:
+            raise h.BenchError(
+                f"{name}: the input writer process peaked at {result['writer_peak_rss_mib']} "
+                f"MiB > {result['writer_bound_mib']} MiB: {result}"
+            )
         if not result["within_bound"]:
             raise h.BenchError(
                 f"{name}: peak RSS {result['peak_rss_mib']} MiB > memory_budget "

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 import pfclient
-from pfcollector import inputproc
+from pfcollector import inputchild, inputproc
 from pfcollector.acks import AckTracker
 from pfcollector.config import Config
 from pfcollector.ingest import GroupCommitter
@@ -65,6 +65,43 @@ async def test_a_batch_is_on_disk_and_private_when_write_returns(tmp_path: Path)
         assert path.read_bytes() == content
         assert not stat.S_IMODE(path.stat().st_mode) & 0o027  # no group write, no others
     assert not list(store.root.glob("*/*.tmp"))
+
+
+async def test_big_and_small_items_arrive_whole(tmp_path: Path) -> None:
+    store = InputStore(tmp_path / "inputs")
+    writer = InputProcess(store)
+    big = bytes(range(256)) * (3 * inputproc.WRITE_CHUNK // 256 + 7)  # past a write chunk
+    contents = [b"s%d" % i * 300 for i in range(500)] + [big] + [b"tail", b""]
+    try:
+        await writer.write(items(*contents))
+    finally:
+        await writer.aclose()
+    for content in contents:
+        assert store.path_for(hashlib.sha256(content).hexdigest()).read_bytes() == content
+
+
+async def test_a_big_batch_goes_in_parts_of_the_childs_size(tmp_path: Path) -> None:
+    store = InputStore(tmp_path / "inputs")
+    writer = InputProcess(store, max_batch_bytes=10_000)
+    sent: list[int] = []
+    real = inputproc._send_batch
+
+    async def counting(stream: trio.abc.SendStream, part: list[tuple[str, bytes]]) -> None:
+        sent.append(sum(len(data) for _, data in part))
+        await real(stream, part)
+
+    contents = [bytes([i]) * 3000 for i in range(10)] + [b"x" * 25_000, b"y"]
+    inputproc._send_batch = counting  # type: ignore[assignment]
+    try:
+        await writer.write(items(*contents))
+    finally:
+        inputproc._send_batch = real  # type: ignore[assignment]
+        await writer.aclose()
+    # Runs of at most 10,000 bytes, one item past it; every byte sent once.
+    assert sent == [12_000, 12_000, 2 * 3_000 + 25_000, 1]
+    assert writer.started == 1
+    for content in contents:
+        assert store.path_for(hashlib.sha256(content).hexdigest()).read_bytes() == content
 
 
 async def test_a_killed_child_fails_its_batch_and_the_next_starts_another(
@@ -144,38 +181,39 @@ async def test_a_child_answering_garbage_is_replaced(tmp_path: Path) -> None:
         await writer.aclose()
 
 
-def test_the_child_takes_no_name_but_a_sha256(tmp_path: Path) -> None:
-    store = InputStore(tmp_path / "inputs")
+def _serve_once(store: InputStore, frame_obj: object, payload: bytes = b"") -> tuple[int, object]:
+    """The child's loop on one batch frame (and its bytes): exit status and its one reply."""
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
-    bad = [["../../escaped", b"x"]]
-    good = [[hashlib.sha256(b"ok").hexdigest(), b"ok"]]
-    for batch in (bad, good, "not a list"):
-        body = msgpack.packb(batch, use_bin_type=True)
-        os.write(to_child_w, len(body).to_bytes(4, "big") + body)
+    body = msgpack.packb(frame_obj, use_bin_type=True)
+    os.write(to_child_w, len(body).to_bytes(4, "big") + body + payload)
     os.close(to_child_w)
-    assert inputproc.serve(store, to_child_r, from_child_w) == 0  # until end of file
-    os.close(from_child_w)
+    try:
+        status = inputchild.serve(store, to_child_r, from_child_w)
+    finally:
+        os.close(to_child_r)
+        os.close(from_child_w)
     out = os.read(from_child_r, 1 << 16)
-    unpacker = msgpack.Unpacker(raw=False)
-    unpacker.feed(_frames(out))
-    replies = list(unpacker)
-    assert replies[0][0] == errno.EPROTO
-    assert "bad item name '../../escaped'" in replies[0][1]
-    assert replies[1] is None
-    assert replies[2][0] == errno.EPROTO
+    os.close(from_child_r)
+    assert int.from_bytes(out[:4], "big") == len(out) - 4  # exactly one reply
+    return status, msgpack.unpackb(out[4:], raw=False)
+
+
+def test_the_child_takes_no_name_but_a_sha256(tmp_path: Path) -> None:
+    store = InputStore(tmp_path / "inputs")
+    status, reply = _serve_once(store, [["../../escaped", 1]], b"x")
+    assert status == 1  # the framing of what follows is lost: the child ends
+    assert reply == [errno.EPROTO, "bad batch: bad item name '../../escaped'"]
     assert not (tmp_path / "escaped").exists()
-    assert store.path_for(good[0][0]).read_bytes() == b"ok"
-
-
-def _frames(out: bytes) -> bytes:
-    """The bodies of length-prefixed frames, concatenated (MessagePack reads them in turn)."""
-    bodies, at = [], 0
-    while at < len(out):
-        n = int.from_bytes(out[at : at + 4], "big")
-        bodies.append(out[at + 4 : at + 4 + n])
-        at += 4 + n
-    return b"".join(bodies)
+    for bad, why in (("not a list", "a batch is a list"),
+                     ([["a" * 64, -1]], "bad item size -1"),
+                     ([["a" * 64]], "an item is [sha256, size]")):  # fmt: skip
+        assert _serve_once(store, bad) == (1, [errno.EPROTO, f"bad batch: {why}"])
+    good = [hashlib.sha256(c).hexdigest() for c in (b"ok", b"", b"yes")]
+    status, reply = _serve_once(store, [[good[0], 2], [good[1], 0], [good[2], 3]], b"okyes")
+    assert (status, reply) == (0, None)
+    assert [store.path_for(sha).read_bytes() for sha in good] == [b"ok", b"", b"yes"]
+    assert not list(store.root.glob("*/*.tmp"))
 
 
 async def test_the_daemon_writes_inputs_in_a_child_and_stops_it(

@@ -90,7 +90,8 @@ class Daemon:
         tune_allocator()
         self.ingest_send, self.ingest_recv = trio.open_memory_channel[Pending](INGEST_QUEUE_SIZE)
         self.committer = GroupCommitter(self.spool, self.inputs, crash_dedupe=config.crash_dedupe)
-        self.input_files = InputProcess(self.inputs)  # a child process writes the files
+        # A child process writes the files, an eighth of the budget at a time.
+        self.input_files = InputProcess(self.inputs, self.budget.capacity // 8)
         self.input_writer = InputWriter(self.spool, self.inputs, self.budget, self.input_files)
         self.committer.on_commit(self.input_writer.notify)
         self.committer.hand_inputs_to(self.input_writer)  # no read-back of fresh inputs

@@ -9,10 +9,14 @@ writes skipped outright the daemon spent 0.21 instead of 0.27 ms of CPU per deli
 ``benchmarks/e2e.py``). A child process has a GIL of its own: the loop only writes each batch
 into a pipe and reads one short reply.
 
-The exchange, both ways a 4-byte big-endian length and a MessagePack body:
+The exchange (a frame: a 4-byte big-endian length and a MessagePack body):
 
-* daemon -> child: ``[[sha256_hex, bytes], ...]``, one batch; the next only after its reply;
-* child -> daemon: ``nil`` once every file of the batch and its name are on disk, or
+* daemon -> child: a frame ``[[sha256_hex, size], ...]``, then the items' bytes back to back,
+  one batch; the next only after its reply. The bytes are not packed into the frame: a batch
+  is up to an eighth of the memory budget, and packing it would copy it two or three times in
+  the daemon (``benchmarks/memory_pressure.py`` measured the peak RSS 325 MiB past its bound
+  that way). Small items are joined into writes of up to 64 KiB, big ones written as they are;
+* child -> daemon: a frame, ``nil`` once every file of the batch and its name are on disk, or
   ``[errno, message]`` when the batch failed with that ``OSError`` (a full disk).
 
 Durability is unchanged: the inputs stay in the spool's journal until the reply says their
@@ -23,8 +27,10 @@ starts a new child. The child exits when its stdin closes, so a daemon killed wi
 leaves no writer behind for long (at most the batch in hand, whose files a new daemon writes
 again: the names are content hashes, an existing one is synced, not rewritten).
 
-Memory: the child holds one batch at most (the writer's batches are an eighth of the memory
-budget), on top of an interpreter that imports only this module and :mod:`~pfcollector.inputs`.
+Memory: the child (:mod:`pfcollector.inputchild`, which imports no trio) is sent at most
+``max_batch_bytes`` at once (the daemon gives an eighth of its memory budget; a commit group's
+inputs can be more, and go in several exchanges), one item past it, on top of its interpreter
+(``benchmarks/memory_pressure.py`` reports and bounds its peak).
 """
 
 from __future__ import annotations
@@ -33,44 +39,45 @@ import contextlib
 import errno
 import logging
 import os
-import re
-import signal
 import subprocess
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
 import trio
 
 from . import threads
+from .inputchild import frame
 from .inputs import InputStore
-from .packing import pack
 
-__all__ = ["InputProcess", "main"]
+__all__ = ["EXIT_WAIT_S", "START_FAILURES", "WRITE_CHUNK", "InputProcess"]
 
 log = logging.getLogger("pfcollector.ingest")
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: Bytes per pipe write for small items joined together (big ones go as they are).
+WRITE_CHUNK = 64 * 1024
 #: Children in a row that died before their first answer, after which the thread writes.
 START_FAILURES = 3
 #: How long a child may take to finish its batch once its stdin closed, before it is killed.
 EXIT_WAIT_S = 2.0
 
 
-def _frame(obj: Any) -> bytes:
-    body = pack(obj)
-    return len(body).to_bytes(4, "big") + body
+#: glibc's settings of ``membudget.tune_allocator`` for the child, which imports no trio: a
+#: freed batch goes back to the system instead of keeping the child's RSS at every peak.
+CHILD_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "MALLOC_ARENA_MAX": "2"}
 
 
 class InputProcess:
     """The daemon's side: one child at a time, started on first use and after a failure."""
 
-    def __init__(self, store: InputStore) -> None:
+    def __init__(self, store: InputStore, max_batch_bytes: int = 32 * 1024 * 1024) -> None:
         self.store = store
+        #: The most the child is sent at once (one item past it): its memory, beside its
+        #: interpreter. A bigger batch (a commit group's inputs) goes in several exchanges.
+        self.max_batch_bytes = max(1, max_batch_bytes)
         #: The child's command line: this interpreter, this module, the inputs directory.
-        self.command = [sys.executable, "-m", "pfcollector.inputproc", str(store.root)]
+        self.command = [sys.executable, "-m", "pfcollector.inputchild", str(store.root)]
         self._proc: trio.Process | None = None
         self._answered = 0  # batches the current child answered
         #: Children started since the daemon started (1 while nothing went wrong).
@@ -103,7 +110,8 @@ class InputProcess:
             await threads.run_sync(self.store.write, items)
             return
         try:
-            await self._exchange(items)
+            for part in _parts(items, self.max_batch_bytes):
+                await self._exchange(part)
         except OSError:
             if self._failed_starts >= START_FAILURES:
                 self.in_thread = True
@@ -120,7 +128,7 @@ class InputProcess:
         assert proc.stdout is not None
         done = False
         try:
-            await proc.stdin.send_all(_frame([[sha, data] for sha, data in items]))
+            await _send_batch(proc.stdin, items)
             reply = await _read_reply(proc.stdout)
             done = True
         except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError) as exc:
@@ -153,7 +161,11 @@ class InputProcess:
         await self._discard()
         try:
             proc = await trio.lowlevel.open_process(
-                self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+                self.command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                close_fds=True,
+                env={**os.environ, **CHILD_MALLOC},
             )
         except OSError as exc:
             self._failed_starts += 1
@@ -178,6 +190,41 @@ class InputProcess:
             for pipe in (proc.stdin, proc.stdout):
                 if pipe is not None:
                     await pipe.aclose()
+
+
+def _parts(
+    items: Sequence[tuple[str, bytes]], limit: int
+) -> Iterator[Sequence[tuple[str, bytes]]]:
+    """``items`` in runs of at most ``limit`` bytes (one item past it)."""
+    start, size = 0, 0
+    for i, (_, data) in enumerate(items):
+        size += len(data)
+        if size >= limit:
+            yield items[start : i + 1]
+            start, size = i + 1, 0
+    if start < len(items) or not items:
+        yield items[start:]
+
+
+async def _send_batch(stream: trio.abc.SendStream, items: Sequence[tuple[str, bytes]]) -> None:
+    """The batch's frame, then its bytes without a copy of the batch (see the module doc)."""
+    await stream.send_all(frame([[sha, len(data)] for sha, data in items]))
+    chunk: list[bytes] = []
+    size = 0
+    for _, data in items:
+        if len(data) >= WRITE_CHUNK:
+            if chunk:
+                await stream.send_all(b"".join(chunk))
+                chunk, size = [], 0
+            await stream.send_all(data)
+            continue
+        chunk.append(data)
+        size += len(data)
+        if size >= WRITE_CHUNK:
+            await stream.send_all(b"".join(chunk))
+            chunk, size = [], 0
+    if chunk:
+        await stream.send_all(b"".join(chunk))
 
 
 async def _read_reply(stream: trio.abc.ReceiveStream) -> Any:
@@ -205,79 +252,3 @@ def _error_of(reply: Any) -> tuple[int, str]:
     ):
         return reply[0], reply[1]
     return errno.EPROTO, f"the input writer process answered {reply!r:.80}"
-
-
-# The child's side.
-
-
-def _read_exact_fd(fd: int, n: int) -> bytes | None:
-    """``n`` bytes from ``fd``; None at end of file before the first byte."""
-    parts: list[bytes] = []
-    got = 0
-    while got < n:
-        chunk = os.read(fd, min(n - got, 1 << 20))
-        if not chunk:
-            if got:
-                raise EOFError(f"the daemon closed the pipe {got} bytes into a {n}-byte frame")
-            return None
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
-
-
-def _batch_of(obj: Any) -> list[tuple[str, bytes]]:
-    if not isinstance(obj, list):
-        raise ValueError("a batch is a list")
-    batch: list[tuple[str, bytes]] = []
-    for item in obj:
-        if not (isinstance(item, list) and len(item) == 2):
-            raise ValueError("an item is [sha256, bytes]")
-        sha, data = item
-        if not (isinstance(sha, str) and _SHA256.fullmatch(sha) and isinstance(data, bytes)):
-            raise ValueError(f"bad item name {sha!r:.80}")  # never a path of someone's choosing
-        batch.append((sha, data))
-    return batch
-
-
-def serve(store: InputStore, fd_in: int = 0, fd_out: int = 1) -> int:
-    """Write batches read from ``fd_in``, a reply each on ``fd_out``, until end of file."""
-    while True:
-        head = _read_exact_fd(fd_in, 4)
-        if head is None:
-            return 0
-        body = _read_exact_fd(fd_in, int.from_bytes(head, "big"))
-        if body is None:
-            raise EOFError("the daemon closed the pipe after a frame's length")
-        try:
-            store.write(_batch_of(msgpack.unpackb(body, raw=False)))
-            reply: Any = None
-        except OSError as exc:
-            reply = [exc.errno or errno.EIO, str(exc)]
-        except ValueError as exc:  # msgpack's errors are ValueErrors too
-            reply = [errno.EPROTO, f"bad batch: {exc}"]
-        del body
-        out = memoryview(_frame(reply))
-        while out:
-            out = out[os.write(fd_out, out) :]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pfcollector.inputproc ROOT``: started by :class:`InputProcess` only."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m pfcollector.inputproc INPUTS_DIR (started by the daemon)",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    # The daemon decides when this process ends (it closes our stdin): a ^C at its terminal
-    # or a service manager's SIGTERM to the whole group must not cut a batch short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        return serve(InputStore(Path(args[0])))
-    except (EOFError, BrokenPipeError) as exc:
-        print(f"pfcollector input writer: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
