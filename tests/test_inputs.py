@@ -300,7 +300,9 @@ async def test_the_writer_never_waits_for_memory_while_it_holds_its_queue(
     readers.release()  # now the journal's inputs find room too
     with trio.fail_after(30):
         await until(lambda: spool.pending_input_count() == 0)
-    assert budget.used == 0
+        # The batch's memory goes back once its journal rows are dropped: the writer
+        # releases it when it resumes after the drop (a worker thread), not before.
+        await until(lambda: budget.used == 0)
 
 
 def test_file_name_is_path_for_as_a_string(tmp_path: Path) -> None:
