@@ -234,6 +234,8 @@ async def test_the_daemon_writes_inputs_in_a_child_and_stops_it(
     proc = files._proc
     assert proc is not None
     assert alive(proc.pid)
+    # Nothing of the daemon's but its pipes and stderr: not the socket, not the spool.
+    assert sorted(int(fd) for fd in os.listdir(f"/proc/{proc.pid}/fd")) == [0, 1, 2]
     status = (await daemon.status())["spool"]
     assert status["input_writer"] == {"pid": proc.pid, "starts": 1, "in_thread": False}
     assert status["inputs_pending"] == 0
