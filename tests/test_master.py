@@ -13,6 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pfcollector.botapi import (
+    RegisterError,
+    heartbeat_body,
+    parse_register,
+    register_body,
+    sanitize_capabilities,
+)
 from pfcollector.events import Event, Kind
 from pfcollector.master import (
     BATCH_BODY_LIMIT,
@@ -22,16 +29,11 @@ from pfcollector.master import (
     EncodeError,
     Partial,
     Poison,
-    RegisterError,
     Transient,
     classify,
     encode_batches,
-    heartbeat_body,
     item_request,
-    parse_register,
     parse_retry_after,
-    register_body,
-    sanitize_capabilities,
 )
 
 TS = 1_700_000_000_123_456_789

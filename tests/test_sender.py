@@ -18,10 +18,10 @@ import pytest
 import trio
 import trio.testing
 
+from pfcollector.botapi import RegisterError
 from pfcollector.bots import heartbeat_loop, register
 from pfcollector.breaker import BreakerState, CircuitBreaker
 from pfcollector.events import Event, Kind
-from pfcollector.master import RegisterError
 from pfcollector.sender import Batch, RetryPolicy, Sender, TransientError
 
 TS = 1_700_000_000_000_000_000

@@ -10,15 +10,8 @@ from typing import NoReturn
 import httpx
 import trio
 
-from .master import (
-    REGISTER_PATH,
-    heartbeat_body,
-    heartbeat_path,
-    parse_register,
-    parse_retry_after,
-    register_body,
-    transient_status,
-)
+from .botapi import REGISTER_PATH, heartbeat_body, heartbeat_path, parse_register, register_body
+from .master import parse_retry_after, transient_status
 from .transport import (
     DEFAULT_RETRY,
     RetryPolicy,
@@ -52,7 +45,7 @@ async def register(
     Error handling:
         No answer, 5xx, 408 and 429 are retried per ``retry``; then :class:`TransientError`.
         A refusal, or an answer without a ``bot_id``, raises
-        :class:`pfcollector.master.RegisterError` at once. A bad argument is ``ValueError``.
+        :class:`pfcollector.botapi.RegisterError` at once. A bad argument is ``ValueError``.
     """
     body = register_body(hostname, name, capabilities, api_endpoint)
     headers = request_headers(None, token)

@@ -27,6 +27,7 @@ import trio
 
 from . import __version__
 from .access import Access, scoped_status
+from .botapi import RegisterError
 from .bots import heartbeat_loop, register
 from .breaker import BreakerState, CircuitBreaker
 from .bugs import list_bugs, top_per_job, top_repeats
@@ -38,7 +39,6 @@ from .inputproc import InputProcess
 from .inputs import InputStore
 from .inputwriter import InputWriter
 from .logs import set_level
-from .master import RegisterError
 from .membudget import MemoryBudget, tune_allocator
 from .metrics import serve_metrics
 from .outbox import Importer, prepare_outbox

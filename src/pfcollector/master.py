@@ -10,8 +10,8 @@ request and what an answer means.
 * :func:`item_request` builds one per-item (or ``/results/status``) request.
 * :func:`classify` turns an answer into :data:`Outcome`: :class:`Delivered`, :class:`Partial`,
   :class:`Transient` (try again later) or :class:`Poison` (this payload will never be taken).
-* :func:`register_body`, :func:`parse_register` and :func:`heartbeat_body` speak the bot
-  endpoints.
+
+The bot endpoints (register, heartbeat) are in :mod:`pfcollector.botapi`.
 """
 
 from __future__ import annotations
@@ -25,17 +25,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-from pfcollector.events import BATCH_KINDS, STATUS_KINDS, Event, Kind, rfc3339, to_master
+from pfcollector.events import BATCH_KINDS, STATUS_KINDS, Event, Kind, to_master
 
 __all__ = [
     "BATCH_BODY_LIMIT",
     "BATCH_MARGIN",
     "BATCH_MAX_ITEMS",
     "BATCH_PATH",
-    "HEARTBEAT_STATUSES",
     "ITEM_BODY_LIMITS",
     "ITEM_PATHS",
-    "REGISTER_PATH",
     "STATUS_PATH",
     "Delivered",
     "EncodeError",
@@ -44,17 +42,14 @@ __all__ = [
     "Outcome",
     "Partial",
     "Poison",
-    "RegisterError",
     "Transient",
     "classify",
+    "compact_json",
     "encode_batches",
-    "heartbeat_body",
-    "heartbeat_path",
+    "error_text",
     "item_request",
-    "parse_register",
+    "json_object",
     "parse_retry_after",
-    "register_body",
-    "sanitize_capabilities",
     "transient_status",
 ]
 
@@ -62,7 +57,6 @@ MiB: Final = 1024 * 1024
 
 BATCH_PATH: Final = "/api/v1/results/batch"
 STATUS_PATH: Final = "/api/v1/results/status"
-REGISTER_PATH: Final = "/api/v1/bots/register"
 #: Per-item endpoint of each kind; every status kind goes to ``/results/status``.
 ITEM_PATHS: Final[Mapping[Kind, str]] = {
     Kind.CRASH: "/api/v1/results/crash",
@@ -84,8 +78,6 @@ ITEM_BODY_LIMITS: Final[Mapping[str, int]] = {
     "/api/v1/results/corpus": 100 * MiB,
     STATUS_PATH: 1 * MiB,
 }
-#: The ``status`` values the heartbeat endpoint takes.
-HEARTBEAT_STATUSES: Final = frozenset({"registering", "idle", "busy", "timed_out", "failed"})
 
 #: The name of each batch kind's list in a batch body, and in the master's error strings.
 _LIST_NAMES: Final[Mapping[Kind, str]] = {
@@ -106,8 +98,6 @@ _TRANSIENT_ITEM_ERROR = re.compile(
     r"|timed? ?out|connection (?:refused|reset)|too many connections",
     re.IGNORECASE,
 )
-_CAPABILITY = re.compile(r"[A-Za-z_-][A-Za-z0-9_-]*")
-_MAX_CAPABILITIES: Final = 10
 _ERROR_TEXT_MAX: Final = 1024
 # Statuses that say "not this request, not now" although they are 4xx.
 _TRANSIENT_STATUSES: Final = frozenset({408, 425, 429})
@@ -125,18 +115,6 @@ class MasterError(Exception):
 
 class EncodeError(MasterError, ValueError):
     """An event cannot be turned into a body the master would take (never will be)."""
-
-
-class RegisterError(MasterError):
-    """The master refused a registration, or answered it with something unusable.
-
-    Attributes:
-        status: The HTTP status of the answer.
-    """
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"registration failed (HTTP {status}): {message}")
-        self.status = status
 
 
 # -- outcomes ------------------------------------------------------------------------------
@@ -213,7 +191,7 @@ class EncodedBatch(NamedTuple):
     per_item: bool = False
 
 
-def _dumps(obj: Any) -> bytes:
+def compact_json(obj: Any) -> bytes:
     """Compact JSON as the master takes it; UTF-8 unless a string cannot be (lone surrogate)."""
     try:
         text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -230,7 +208,7 @@ def _encode_item(event: Event, bot_id: str) -> bytes:
         obj = to_master(event, bot_id)
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"event {event.id}: bad field: {exc}") from exc
-    return _dumps(obj)
+    return compact_json(obj)
 
 
 def _batch_frame(kind: Kind, job_id: str, bot_id: str) -> tuple[bytes, bytes]:
@@ -337,7 +315,7 @@ def item_request(event: Event, bot_id: str) -> tuple[str, bytes]:
 # -- answers -------------------------------------------------------------------------------
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
+def json_object(body: bytes) -> dict[str, Any] | None:
     try:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -345,9 +323,9 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _error_text(body: bytes) -> str:
+def error_text(body: bytes) -> str:
     """The master's ``error: details``, else the raw answer, truncated."""
-    obj = _json_object(body)
+    obj = json_object(body)
     if obj is not None and isinstance(obj.get("error"), str):
         text = obj["error"]
         details = obj.get("details")
@@ -448,11 +426,11 @@ def classify(
         Never raises: an unreadable body gives the most conservative outcome of its status.
     """
     if 200 <= status < 300:
-        obj = _json_object(body)
+        obj = json_object(body)
         if obj is not None and obj.get("partial_success") is True and kind in BATCH_KINDS:
             return _partial(obj.get("errors"), kind, events_sent)
         return Delivered(tuple(event.id for event in events_sent))
-    text = _error_text(body)
+    text = error_text(body)
     if transient_status(status):
         retry_after = parse_retry_after(
             _header(headers, "Retry-After"), _header(headers, "Date"), wall_now=wall_now
@@ -487,86 +465,3 @@ def _partial(errors: Any, kind: Kind, events_sent: Sequence[Event]) -> Partial:
     retryable = {i: m for i, m in named.items() if i not in failed}
     delivered = tuple(event.id for event in events_sent if event.id not in named)
     return Partial(delivered, failed, retryable)
-
-
-# -- bots ----------------------------------------------------------------------------------
-
-
-def sanitize_capabilities(capabilities: Iterable[str]) -> list[str]:
-    """Capabilities as the master takes them: 1 to 10 names matching ``[A-Za-z_-][A-Za-z0-9_-]*``.
-
-    ``+`` becomes ``p`` (``afl++`` → ``aflpp``, ``c++`` → ``cpp``), any other refused character
-    ``_``; a name starting with a digit gets a ``_`` in front; empty names and duplicates go;
-    the first ten stay. If none is left, ``["fuzzer"]``.
-    """
-    out: list[str] = []
-    for raw in capabilities:
-        name = re.sub(r"[^A-Za-z0-9_-]", "_", raw.strip().replace("+", "p"))
-        if not name:
-            continue
-        if not _CAPABILITY.fullmatch(name):
-            name = "_" + name
-        if name not in out:
-            out.append(name)
-        if len(out) == _MAX_CAPABILITIES:
-            break
-    return out or ["fuzzer"]
-
-
-def register_body(
-    hostname: str, name: str, capabilities: Iterable[str], api_endpoint: str
-) -> bytes:
-    """The body for ``POST /api/v1/bots/register`` (strict decoding: exactly these fields).
-
-    Raises:
-        ValueError: ``hostname`` is empty, or ``api_endpoint`` is not an http(s) URL.
-    """
-    if not hostname:
-        raise ValueError("hostname is required")
-    if not api_endpoint.startswith(("http://", "https://")):
-        raise ValueError("api_endpoint must start with http:// or https://")
-    return _dumps(
-        {
-            "hostname": hostname,
-            "name": name,
-            "capabilities": sanitize_capabilities(capabilities),
-            "api_endpoint": api_endpoint,
-        }
-    )
-
-
-def parse_register(status: int, body: bytes) -> str:
-    """The ``bot_id`` from a registration answer (JSON, whatever its Content-Type says).
-
-    Raises:
-        RegisterError: The status is not 2xx, or the answer has no usable ``bot_id``.
-    """
-    if not 200 <= status < 300:
-        raise RegisterError(status, _error_text(body))
-    obj = _json_object(body)
-    bot_id = obj.get("bot_id") if obj is not None else None
-    if not isinstance(bot_id, str) or not bot_id:
-        raise RegisterError(status, f"no bot_id in the answer: {_error_text(body)}")
-    return bot_id
-
-
-def heartbeat_path(bot_id: str) -> str:
-    """The heartbeat endpoint of ``bot_id``."""
-    return f"/api/v1/bots/{bot_id}/heartbeat"
-
-
-def heartbeat_body(status: str, current_job: str | None, last_activity_ns: int) -> bytes:
-    """The body for ``POST /api/v1/bots/{id}/heartbeat``.
-
-    Raises:
-        ValueError: ``status`` is not one the master knows (:data:`HEARTBEAT_STATUSES`).
-    """
-    if status not in HEARTBEAT_STATUSES:
-        raise ValueError(f"unknown bot status {status!r}")
-    return _dumps(
-        {
-            "status": status,
-            "current_job": current_job or None,
-            "last_activity": rfc3339(last_activity_ns),
-        }
-    )
