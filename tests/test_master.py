@@ -20,7 +20,7 @@ from pfcollector.botapi import (
     register_body,
     sanitize_capabilities,
 )
-from pfcollector.events import Event, Kind
+from pfcollector.events import Event, Kind, to_master
 from pfcollector.master import (
     BATCH_BODY_LIMIT,
     BATCH_PATH,
@@ -31,6 +31,7 @@ from pfcollector.master import (
     Poison,
     Transient,
     classify,
+    compact_json,
     encode_batches,
     item_request,
     parse_retry_after,
@@ -133,6 +134,35 @@ def test_non_ascii_is_counted_in_utf8_bytes() -> None:
     events = [crash(i, output="é€😀" * 50) for i in range(3)]
     [(_, body, _)] = encode_batches(Kind.CRASH, "job-1", "bot", events)
     assert json.loads(body)["crashes"][2]["output"] == "é€😀" * 50
+
+
+_TEXT = st.text(st.characters(exclude_categories=()), max_size=40)  # lone surrogates too
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from([Kind.CRASH, Kind.COVERAGE, Kind.CORPUS]),
+    text=_TEXT,
+    number=st.integers(min_value=-(2**70), max_value=2**70),
+    flag=st.booleans(),
+    files=st.lists(_TEXT, max_size=4),
+    bot_id=_TEXT,
+)
+def test_batch_items_are_the_bytes_json_dumps_writes(
+    kind: Kind, text: str, number: int, flag: bool, files: list[str], bot_id: str
+) -> None:
+    """The fast encoder (msgspec) writes each item byte for byte as ``compact_json``."""
+    fields: dict[str, Any] = {
+        Kind.CRASH: {"type": text, "signal": number, "output": text, "stack_trace": text,
+                     "is_unique": flag, "size": number, "hash": text},
+        Kind.COVERAGE: {"edges": number, "new_edges": number, "exec_count": number},
+        Kind.CORPUS: {"files": files, "total_size": number},
+    }[kind]  # fmt: skip
+    event = Event(f"e-{text}", kind, f"job-{text}", "afl", TS, fields)
+    body = encode_batches(kind, event.job_id, bot_id, [event])[0].body
+    expected = compact_json(to_master(event, bot_id))
+    assert expected in body  # the item, inside its batch frame
+    assert json.loads(body)  # and the whole body is JSON
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
