@@ -18,7 +18,7 @@ from pfcollector.acks import AckTracker, run_acker
 from pfcollector.config import Config
 from pfcollector.events import Kind
 from pfcollector.ingest import Pending
-from pfcollector.protocol import Ack, ErrorMsg, ServerMessage
+from pfcollector.protocol import Ack, ErrorMsg, ServerMessage, encode
 from pfcollector.server import Server
 
 from .conftest import start_daemon
@@ -150,3 +150,12 @@ async def test_an_ack_written_in_part_is_finished_before_anything_else(
         await client.aclose()
         daemon.stop()
     assert short == 3  # every ack went the short way
+
+
+@pytest.mark.parametrize(
+    "seq",
+    [0, 1, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 0xFFFFFFFF, 0x100000000, 2**63 - 1, -1],
+)
+def test_an_ack_frame_is_what_encode_writes(seq: int) -> None:
+    """The per-crash ack is written without a packer; its bytes must stay encode's."""
+    assert acks.ack_frame(seq) == encode(Ack(seq))
