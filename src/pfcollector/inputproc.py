@@ -84,7 +84,7 @@ class InputProcess:
         self.started = 0
         #: Children in a row that failed before answering once; at START_FAILURES the files
         #: are written in a worker thread instead (an interpreter that cannot run ``-m
-        #: pfcollector.inputproc``, a sandbox that forbids a fork: slower, never stuck).
+        #: pfcollector.inputchild``, a sandbox that forbids a fork: slower, never stuck).
         self._failed_starts = 0
         self.in_thread = False
 
