@@ -290,3 +290,18 @@ def _wait_for_child(pid: int) -> list[int]:
             return found
         time.sleep(0.02)
     raise AssertionError("the daemon started no input writer")
+
+
+def test_status_shows_the_input_writer_only_when_it_is_not_well() -> None:
+    from pfcollector.statusview import _input_writer_lines
+
+    well = {"input_writer": {"pid": 7, "starts": 1, "in_thread": False}, "inputs_pending": 0}
+    assert _input_writer_lines(well) == []
+    restarted = {"input_writer": {"pid": 8, "starts": 3, "in_thread": False}, "inputs_pending": 2}
+    assert _input_writer_lines(restarted) == [
+        "input files: input writer process started 3 times (see the log); "
+        "2 input(s) waiting in the spool"
+    ]
+    fallen_back = {"input_writer": {"pid": None, "starts": 3, "in_thread": True}}
+    assert "worker thread" in _input_writer_lines(fallen_back)[0]
+    assert _input_writer_lines({}) == []  # a scoped status has no spool details

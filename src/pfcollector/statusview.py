@@ -44,6 +44,7 @@ def format_status(s: dict[str, Any]) -> str:
         f"batch size {cfg['batch_size']}, flush every {cfg['flush_interval']}s, "
         f"data dir {cfg['data_dir']}",
         *_drain_lines(s.get("drain")),
+        *_input_writer_lines(spool),
         _outbox_line(s.get("outbox")),
         "",
         f"{'':<9}{'---- since start ----':^30}{'-------- now --------':^26}"
@@ -92,6 +93,21 @@ def _drain_lines(drain: dict[str, Any] | None) -> list[str]:
     if drain.get("ended"):
         line += f"; ended early: {drain['ended']} (the rest stays in the spool)"
     return [line]
+
+
+def _input_writer_lines(spool: dict[str, Any]) -> list[str]:
+    """A line only when the crash input files' writer is not as it should be."""
+    writer = spool.get("input_writer")
+    pending = spool.get("inputs_pending") or 0
+    if not writer:
+        return []
+    if writer.get("in_thread"):
+        state = "written by a worker thread (the input writer process failed to start)"
+    elif writer.get("starts", 1) > 1:
+        state = f"input writer process started {writer['starts']} times (see the log)"
+    else:
+        return []
+    return [f"input files: {state}; {pending} input(s) waiting in the spool"]
 
 
 def _outbox_line(outbox: dict[str, Any] | None) -> str:
