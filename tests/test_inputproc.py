@@ -305,3 +305,43 @@ def test_status_shows_the_input_writer_only_when_it_is_not_well() -> None:
     fallen_back = {"input_writer": {"pid": None, "starts": 3, "in_thread": True}}
     assert "worker thread" in _input_writer_lines(fallen_back)[0]
     assert _input_writer_lines({}) == []  # a scoped status has no spool details
+
+
+def _serve(data: Path, sock: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pfcollector", "serve", "--data-dir", str(data),
+         "--socket", str(sock)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def test_inputs_acked_before_a_kill_9_are_in_their_files_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """kill -9 right after the last ack, with the child likely mid-batch: the next daemon
+    writes every acknowledged input from the spool's journal, whole, and leaves no .tmp."""
+    data, sock = tmp_path / "data", tmp_path / "pf.sock"
+    data.mkdir(mode=0o750)
+    inputs = [b"input %d " % i * (1 + i % 300) for i in range(400)]
+    daemon = _serve(data, sock)
+    try:
+        with _connect(sock) as client:
+            for i, content in enumerate(inputs):
+                client.crash("SEGV", content, signal=11, id=f"crash-{i}")
+        os.kill(daemon.pid, signal.SIGKILL)  # every crash above was acknowledged
+        daemon.wait(timeout=10)
+        sock.unlink(missing_ok=True)
+        daemon = _serve(data, sock)
+        root = data / "inputs"
+        paths = [root / h[:2] / h for h in (hashlib.sha256(c).hexdigest() for c in inputs)]
+        deadline = time.monotonic() + 30
+        while not all(p.exists() for p in paths) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p.read_bytes() if p.exists() else None for p in paths] == inputs
+        with _connect(sock):  # the restarted daemon serves
+            pass
+    finally:
+        if daemon.poll() is None:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+    assert not list((data / "inputs").glob("*/*.tmp"))  # cleaned at start or renamed
