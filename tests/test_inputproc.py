@@ -209,6 +209,17 @@ def test_the_child_takes_no_name_but_a_sha256(tmp_path: Path) -> None:
                      ([["a" * 64, -1]], "bad item size -1"),
                      ([["a" * 64]], "an item is [sha256, size]")):  # fmt: skip
         assert _serve_once(store, bad) == (1, [errno.EPROTO, f"bad batch: {why}"])
+    # A frame length no batch has: refused before anything is allocated for it.
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    os.write(to_child_w, (inputchild.MAX_FRAME + 1).to_bytes(4, "big"))
+    os.close(to_child_w)
+    assert inputchild.serve(store, to_child_r, from_child_w) == 1
+    out = os.read(from_child_r, 1 << 16)
+    for fd in (to_child_r, from_child_w, from_child_r):
+        os.close(fd)
+    too_big = inputchild.MAX_FRAME + 1
+    assert msgpack.unpackb(out[4:]) == [errno.EPROTO, f"bad batch: a frame of {too_big} bytes"]
     good = [hashlib.sha256(c).hexdigest() for c in (b"ok", b"", b"yes")]
     status, reply = _serve_once(store, [[good[0], 2], [good[1], 0], [good[2], 3]], b"okyes")
     assert (status, reply) == (0, None)

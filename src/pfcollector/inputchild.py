@@ -24,11 +24,13 @@ import msgpack
 from .inputs import InputStore
 from .packing import pack
 
-__all__ = ["MAX_ITEM", "frame", "main", "serve"]
+__all__ = ["MAX_FRAME", "MAX_ITEM", "frame", "main", "serve"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: The largest item the child takes: far above the master's 10 MiB crash input.
 MAX_ITEM = 1 << 30
+#: The largest batch frame (names and sizes, about 80 bytes an item).
+MAX_FRAME = 64 << 20
 
 
 def frame(obj: Any) -> bytes:
@@ -97,7 +99,11 @@ def serve(store: InputStore, fd_in: int = 0, fd_out: int = 1) -> int:
         head = _read_exact_fd(fd_in, 4)
         if head is None:
             return 0
-        body = _read_exact_fd(fd_in, int.from_bytes(head, "big"))
+        length = int.from_bytes(head, "big")
+        if length > MAX_FRAME:  # not a list of names and sizes: the stream is not ours
+            _reply(fd_out, [errno.EPROTO, f"bad batch: a frame of {length} bytes"])
+            return 1
+        body = _read_exact_fd(fd_in, length)
         if body is None:
             raise EOFError("the daemon closed the pipe after a frame's length")
         try:
