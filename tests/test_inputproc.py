@@ -258,11 +258,7 @@ async def test_the_daemon_writes_inputs_in_a_child_and_stops_it(
 def test_a_daemon_killed_with_sigkill_leaves_no_writer_behind(tmp_path: Path) -> None:
     data, sock = tmp_path / "data", tmp_path / "pf.sock"
     data.mkdir(mode=0o750)
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "pfcollector", "serve", "--data-dir", str(data),
-         "--socket", str(sock)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    daemon = _serve(data, sock)
     try:
         client = _connect(sock)
         with client:

@@ -47,9 +47,9 @@ from typing import Any
 import msgpack
 import trio
 
-from . import threads
 from .inputchild import frame
 from .inputs import InputStore
+from .inputwriter import ThreadWrites
 
 __all__ = ["EXIT_WAIT_S", "START_FAILURES", "WRITE_CHUNK", "InputProcess"]
 
@@ -87,13 +87,13 @@ class InputProcess:
         #: pfcollector.inputchild``, a sandbox that forbids a fork: slower, never stuck).
         self._failed_starts = 0
         self.in_thread = False
+        self._thread = ThreadWrites(store)
 
     def status(self) -> dict[str, Any]:
         """``status --json``'s ``spool.input_writer``."""
         proc = self._proc
-        alive = proc is not None and proc.returncode is None
         return {
-            "pid": proc.pid if alive and proc is not None else None,
+            "pid": proc.pid if proc is not None and proc.returncode is None else None,
             "starts": self.started,
             "in_thread": self.in_thread,
         }
@@ -107,7 +107,7 @@ class InputProcess:
     async def write(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Have ``items``' files written and made durable; ``OSError`` when they were not."""
         if self.in_thread:
-            await threads.run_sync(self.store.write, items)
+            await self._thread.write(items)
             return
         try:
             for part in _parts(items, self.max_batch_bytes):
@@ -202,7 +202,7 @@ def _parts(
         if size >= limit:
             yield items[start : i + 1]
             start, size = i + 1, 0
-    if start < len(items) or not items:
+    if start < len(items):
         yield items[start:]
 
 
