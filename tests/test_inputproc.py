@@ -242,6 +242,10 @@ async def test_the_daemon_writes_inputs_in_a_child_and_stops_it(
     await trio.to_thread.run_sync(produce)
     sha = hashlib.sha256(b"an input").hexdigest()
     await until(lambda: daemon.inputs.path_for(sha).exists())
+    # The file is there at its rename; the child still syncs its directory (an fd of its
+    # own) before it answers. Once it has answered, it waits on its stdin holding nothing.
+    while (await daemon.status())["spool"]["inputs_pending"]:
+        await trio.sleep(0.01)
     proc = files._proc
     assert proc is not None
     assert alive(proc.pid)
