@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -173,7 +174,15 @@ def test_a_hanging_target_is_killed_with_its_children(tmp_path: Path) -> None:
                                                                      b"x")  # fmt: skip
     assert fields["output"].startswith("not reproduced: timed out after 0.5s")
     child = int(pid_file.read_text())
-    assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)  # killed with the group
+    # SIGKILL to the group is sent; the kernel takes the grandchild down a moment later.
+    deadline = time.monotonic() + 10
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _gone(child), f"the target's child is still {_state(child)!r}"  # killed with the group
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or _state(pid) == "Z"
 
 
 def _state(pid: int) -> str:
