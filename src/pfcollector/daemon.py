@@ -294,7 +294,7 @@ class Daemon:
             compression=config.compression,
             compression_threshold=config.compression_threshold,
         )
-        self.committer.on_commit(self.pipeline.notify)
+        self.committer.hand_rows_to(self.pipeline.offer)  # in place of a read-back
         batch_send, batch_recv = trio.open_memory_channel[Batch](BATCH_QUEUE_SIZE)
         async with batch_recv:
             delivery.start_soon(self.pipeline.run, batch_send)  # spool -> batches

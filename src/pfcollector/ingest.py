@@ -32,7 +32,7 @@ from .idcheck import ID_CONFLICT, ID_CONFLICT_MESSAGE
 from .inputs import InputStore
 from .inputwriter import InputWriter
 from .membudget import Reservation
-from .spool import Spool
+from .spool import Spool, Spooled
 
 __all__ = [
     "GATHER_PASSES",
@@ -96,6 +96,7 @@ class GroupCommitter:
         self.groups = 0
         self.committed = 0
         self._listeners: list[Callable[[], None]] = []
+        self._rows_to: Callable[[list[Spooled]], None] | None = None
         self._writer: InputWriter | None = None
         #: Groups committed on the event loop's thread (the others went to a worker).
         self.inline = 0
@@ -105,6 +106,10 @@ class GroupCommitter:
     def hand_inputs_to(self, writer: InputWriter) -> None:
         """After each commit, give ``writer`` the inputs just journalled, with their memory."""
         self._writer = writer
+
+    def hand_rows_to(self, take: Callable[[list[Spooled]], None]) -> None:
+        """After each commit, give ``take`` the rows it stored (the pipeline's ``offer``)."""
+        self._rows_to = take
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (in the trio thread) after every commit that stored something."""
@@ -136,8 +141,9 @@ class GroupCommitter:
 
     async def commit(self, group: list[Pending]) -> None:
         """Write one group durably, then settle every event in it."""
+        stored: list[Spooled] = []
         try:
-            results, blobs = await self._store(group)
+            results, blobs = await self._store(group, stored)
         except (OSError, sqlite3.Error) as exc:  # the disk, not the producer, failed
             failure = _write_failure(exc)
             if self.failing is None:  # one line per outage, not one per group
@@ -185,15 +191,18 @@ class GroupCommitter:
         _release(group)
         if handed and self._writer is not None:
             self._writer.take(handed, hold)
+        if self._rows_to is not None:
+            self._rows_to(stored)
         for callback in self._listeners:
             callback()
 
     async def _store(
-        self, group: list[Pending]
+        self, group: list[Pending], stored: list[Spooled]
     ) -> tuple[list[str | None], list[list[tuple[str, bytes]]]]:
         """Write the group durably: here, fsync included, when the group is small and the
         spool free at once (:meth:`Spool.append_now`), else in a worker thread. Not
-        cancellable: a commit that started finishes, so its acks are true.
+        cancellable: a commit that started finishes, so its acks are true. ``stored`` gets
+        the rows stored.
 
         Why not always the thread: its Python (a crash's fields, the spool's rows) competes
         for the GIL with the event loop, and the hop there and back costs more CPU than the
@@ -204,15 +213,16 @@ class GroupCommitter:
         """
         if time.monotonic() >= self.threaded_until and _small(group):
             events, sizes, keys, blobs = self._prepare(group)
-            results = self.spool.append_now(events, sizes, keys, blobs)  # fsync included
+            results = self.spool.append_now(events, sizes, keys, blobs, stored)  # fsync too
             if results is not None:
                 self.inline += 1
             else:  # the pipeline deleting, the input writer, another process: wait there
-                results = await threads.run_sync(self.spool.append, events, sizes, keys, blobs)
+                results = await threads.run_sync(self.spool.append, events, sizes, keys, blobs,
+                                                 stored)  # fmt: skip
             self._check_disk()
             return results, blobs
         # Without the worker's traceback: it would keep the group alive (threads.py).
-        out = await threads.run_sync(self._write, group)
+        out = await threads.run_sync(self._write, group, stored)
         self._check_disk()
         return out
 
@@ -229,10 +239,10 @@ class GroupCommitter:
         self.threaded_until = now + SLOW_DISK_HOLD_S
 
     def _write(
-        self, group: list[Pending]
+        self, group: list[Pending], stored: list[Spooled]
     ) -> tuple[list[str | None], list[list[tuple[str, bytes]]]]:
         prepared = self._prepare(group)
-        return self.spool.append(*prepared), prepared[3]
+        return self.spool.append(*prepared, stored), prepared[3]
 
     def _prepare(
         self, group: list[Pending]

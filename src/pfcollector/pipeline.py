@@ -8,6 +8,8 @@ take batches from a bounded channel, send them, and settle the outcome back into
 delivered events are forgotten, poisoned ones become dead letters, the rest are re-queued after
 a delay. Nothing waits behind a poisoned batch, and nothing leaves the spool before the master
 has it, so a crash at any moment loses nothing: on restart the cursor starts again at zero.
+The rows a group commit has just stored are handed over from memory (:meth:`Pipeline.offer`)
+when they are the next ones to read; the spool is read only to catch up.
 """
 
 from __future__ import annotations
@@ -238,15 +240,49 @@ class Pipeline:
             held < budget.capacity // 4 and (budget.used < budget.capacity or not held)
         )
 
-    async def _read_more(self) -> None:
-        room = self.max_held - len(self._held)
-        if not self._more or not self._has_room():
+    def offer(self, rows: list[Spooled]) -> None:
+        """Rows a group commit has just stored (after each commit, instead of :meth:`notify`).
+
+        Taken from memory when they are the very next rows of the spool (the cursor is right
+        before the first of them: nothing stored in between, by another writer or before a
+        read still under way) and there is room for all of them; else read back from the
+        spool like any other. Reading back what was just written cost a worker thread's
+        round trip, a query and a decode per commit: 15% of the daemon's CPU per delivered
+        crash (docs/performance.md, round 6).
+        """
+        if not rows:
             return
-        limit = min(room, READ_CHUNK)
+        if (self._more or self._reading or rows[0].seq - 1 != self.cursor
+                or len(rows) > self._read_limit()):  # fmt: skip
+            self.notify()
+            return
+        self._take(rows, trio.current_time())
+        self._wake.set()
+
+    def _read_limit(self) -> int:
+        """Rows the pipeline may take now: its room in events and in the memory budget."""
+        if not self._has_room():
+            return 0
+        limit = min(self.max_held - len(self._held), READ_CHUNK)
         if self._budget is not None:
             capacity, used = self._budget.capacity, self._budget.used
             share = min(capacity // 4 - self._window.held, max(capacity - used, capacity // 32))
             limit = max(1, min(limit, share // self._mean_cost))
+        return limit
+
+    def _take(self, rows: list[Spooled], now: float) -> None:
+        for item in rows:
+            self.cursor = item.seq
+            self._held[item.event.id] = item
+            self._window.grow(_cost(item))  # at most one chunk past the window's share
+            self._add(item, now)
+
+    async def _read_more(self) -> None:
+        if not self._more:
+            return
+        limit = self._read_limit()
+        if not limit:
+            return
         # Cleared before the read, never after it: a commit's notify() that lands while the
         # read runs (in a worker thread) must not be lost, or its events wait for the next one.
         self._more = False
@@ -255,14 +291,9 @@ class Pipeline:
             rows = await self._offload(self.spool.read_after, self.cursor, limit)
         finally:
             self._reading = False
-        now = trio.current_time()
         if rows:
             self._mean_cost = max(HELD_OVERHEAD, sum(map(_cost, rows)) // len(rows))
-        for item in rows:
-            self.cursor = item.seq
-            self._held[item.event.id] = item
-            self._window.grow(_cost(item))  # at most one chunk past the window's share
-            self._add(item, now)
+        self._take(rows, trio.current_time())
         if len(rows) == limit:
             self._more = True
 

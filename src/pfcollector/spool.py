@@ -144,6 +144,8 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         #: Seconds the last group's COMMIT took (its fsync, mostly).
         self.last_commit_s = 0.0
         self._reads: sqlite3.Connection | None = None
+        #: Rows the group being written deleted to make room (_make_room).
+        self._dropped: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -175,6 +177,7 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         sizes: Sequence[int] | None = None,
         keys: Sequence[Sequence[str] | None] | None = None,
         blobs: Sequence[Sequence[tuple[str, bytes]]] | None = None,
+        stored: list[Spooled] | None = None,
     ) -> list[str | None]:
         """Store a group of events in one durable transaction.
 
@@ -190,11 +193,12 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         the first one); a corpus event keeps only its unseen entries. ``blobs`` are the
         ``(sha256, bytes)`` of inputs an event refers to that are not on disk yet: kept
         here, in the event's own transaction, until :meth:`drop_inputs` says the files are
-        durable.
+        durable. ``stored``, if given, gets each row the commit stored, as :meth:`read_after`
+        would read it back (the delivery pipeline takes them from memory: pipeline.py).
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            return self._write_group(events, sizes, keys, blobs)
+            return self._write_group(events, sizes, keys, blobs, stored)
 
     def append_now(
         self,
@@ -202,6 +206,7 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         sizes: Sequence[int] | None = None,
         keys: Sequence[Sequence[str] | None] | None = None,
         blobs: Sequence[Sequence[tuple[str, bytes]]] | None = None,
+        stored: list[Spooled] | None = None,
     ) -> list[str | None] | None:
         """:meth:`append`, if nothing has to be waited for; else ``None``, nothing written.
 
@@ -219,7 +224,7 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
                 return None
             finally:
                 db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            return self._write_group(events, sizes, keys, blobs)
+            return self._write_group(events, sizes, keys, blobs, stored)
         finally:
             self._lock.release()
 
@@ -229,15 +234,19 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         sizes: Sequence[int] | None,
         keys: Sequence[Sequence[str] | None] | None,
         blobs: Sequence[Sequence[tuple[str, bytes]]] | None,
+        stored: list[Spooled] | None,
     ) -> list[str | None]:
         """Inserts and COMMIT in the transaction the caller began, holding the lock."""
+        rows: list[Spooled] = []
         try:
-            results = self._insert(events, sizes, keys, blobs)
+            results = self._insert(events, sizes, keys, blobs, rows)
             self._commit()
         except BaseException:
             _rollback(self._db)
             self._reload_totals()
             raise
+        if stored is not None:
+            stored.extend(rows)
         return results
 
     def _commit(self) -> None:
@@ -251,8 +260,10 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         sizes: Sequence[int] | None,
         keys: Sequence[Sequence[str] | None] | None,
         blobs: Sequence[Sequence[tuple[str, bytes]]] | None,
+        rows: list[Spooled],
     ) -> list[str | None]:
-        """The rows of a group, inside its transaction (the caller commits)."""
+        """The rows of a group, inside its transaction (the caller commits); ``rows`` gets
+        each one stored."""
         results: list[str | None] = []
         delta: Counter[tuple[str, str]] = Counter()
         # Written once per group (executemany), not per event: the per-statement cost, not
@@ -261,6 +272,7 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         hit_rows: list[tuple[int, str, str, str]] = []
         blob_rows: list[tuple[str, bytes]] = []
         db = self._db
+        self._dropped.clear()
         now = time.time_ns()
         known = self._seen_before(events, keys) if keys is not None else {}
         for i, ev in enumerate(events):
@@ -308,12 +320,15 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
                 self._count[ev.kind] += 1
                 self._bytes[ev.kind] += size
                 delta[ev.kind, "accepted"] += 1
+                rows.append(Spooled(cur.lastrowid or 0, ev, size, 0, len(body)))
             if blobs is not None and blobs[i]:
                 blob_rows.extend(blobs[i])
             for key in fresh:  # only now: a refused event must not make repeats "seen"
                 known[ev.kind.value, ev.job_id, key] = ev.id
                 seen_rows.append((ev.kind.value, ev.job_id, key, ev.id, now))
             results.append(None)
+        if self._dropped and rows:  # a row of this group made room for a later one
+            rows[:] = [row for row in rows if row.seq not in self._dropped]
         db.executemany("INSERT OR IGNORE INTO pending_inputs VALUES (?, ?)", blob_rows)
         db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, 1, ?)", seen_rows)
         db.executemany(
@@ -345,6 +360,7 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         if freed < need:
             return False
         self._db.executemany("DELETE FROM events WHERE seq = ?", [(s,) for s in victims])
+        self._dropped.update(victims)
         self._count[kind] -= len(victims)
         self._bytes[kind] -= freed
         delta[kind, "dropped"] += len(victims)
