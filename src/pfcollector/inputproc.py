@@ -63,8 +63,10 @@ START_FAILURES = 3
 EXIT_WAIT_S = 2.0
 
 
-#: glibc's settings of ``membudget.tune_allocator`` for the child, which imports no trio: a
-#: freed batch goes back to the system instead of keeping the child's RSS at every peak.
+#: glibc's settings for the child, which imports no trio, like ``membudget.tune_allocator``'s:
+#: a freed batch goes back to the system instead of keeping the child's RSS at every peak. Its
+#: threshold stays at 128 KiB: the child builds none of the 128-256 KiB objects the daemon
+#: keeps on its heap, and its bound (memory_pressure.py) was measured with it.
 CHILD_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "MALLOC_ARENA_MAX": "2"}
 
 

@@ -44,6 +44,12 @@ MIN_MEMORY_BUDGET = 16 * 1024 * 1024
 
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
+#: Blocks of this size and more are mmapped, and go back to the system when freed. Below it,
+#: a crash storm's 128-256 KiB buffers (its JSON items, packed rows, decoded texts) come from
+#: the heap instead of costing fresh pages every time: at 128 KiB a storm of 64 KiB texts
+#: spent 13% more daemon CPU per crash, for 5 MiB less peak RSS under memory pressure
+#: (docs/performance.md, round 6). Reads of READ_SIZE (reader.py) are still above it.
+MMAP_THRESHOLD = 256 * 1024
 
 
 def tune_allocator() -> bool:
@@ -51,13 +57,14 @@ def tune_allocator() -> bool:
 
     glibc raises its mmap threshold each time a large block is freed, after which frames and
     inputs of a few MiB come from the heap, where freed holes stay resident: the RSS then
-    keeps every peak. A fixed threshold (128 KiB) and two arenas keep it near what is held.
+    keeps every peak. A fixed threshold (:data:`MMAP_THRESHOLD`) and two arenas keep it near
+    what is held.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 128 * 1024)) and bool(mallopt(_M_ARENA_MAX, 2))
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_ARENA_MAX, 2))
 
 
 class _Waiter:

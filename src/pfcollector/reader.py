@@ -55,9 +55,9 @@ __all__ = [
 ]
 
 #: Bytes asked of the socket per read while reads come back full (less when the budget is
-#: small: :func:`read_size`). Above the 128 KiB mmap threshold (membudget.py), so a big read's
-#: memory goes back at once: fixed 64 KiB reads, from the heap, kept 13 MiB more peak RSS in
-#: ``memory_pressure.py --quick``.
+#: small: :func:`read_size`). Its bytes object (the size and a header) is above the mmap
+#: threshold (membudget.py), so a big read's memory goes back at once: fixed 64 KiB reads,
+#: from the heap, kept 13 MiB more peak RSS in ``memory_pressure.py --quick``.
 READ_SIZE = 256 * 1024
 #: A connection's first read, and its reads while frames are small (a crash and its ack at a
 #: time): from the heap, where freed reads are reused at once. A read allocates its size first,
