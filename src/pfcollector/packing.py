@@ -4,8 +4,9 @@
 buffer. The daemon fixes glibc's mmap threshold at 256 KiB (:mod:`pfcollector.membudget`, so
 that big freed buffers go back to the system), which makes that buffer (with malloc's header,
 just over it) an ``mmap`` and a ``munmap`` per call; and ``munmap`` in a process with threads
-running on other cores costs a TLB shootdown on each. Measured here with a second thread busy: 5.7 us per ``packb`` of a
-small crash event against 0.6 us with a 4 KiB start (the buffer grows as needed).
+running on other cores costs a TLB shootdown on each. Measured here with a second thread
+busy: 5.7 us per ``packb`` of a small crash event against 0.6 us with a 4 KiB start (the
+buffer grows as needed).
 """
 
 from __future__ import annotations
