@@ -31,6 +31,7 @@ import trio
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "MIN_MEMORY_BUDGET",
+    "MMAP_THRESHOLD",
     "MemoryBudget",
     "Reservation",
     "tune_allocator",

@@ -144,8 +144,6 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         #: Seconds the last group's COMMIT took (its fsync, mostly).
         self.last_commit_s = 0.0
         self._reads: sqlite3.Connection | None = None
-        #: Rows the group being written deleted to make room (_make_room).
-        self._dropped: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -272,7 +270,7 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         hit_rows: list[tuple[int, str, str, str]] = []
         blob_rows: list[tuple[str, bytes]] = []
         db = self._db
-        self._dropped.clear()
+        dropped: set[int] = set()  # rows deleted to make room, this group's among them
         now = time.time_ns()
         known = self._seen_before(events, keys) if keys is not None else {}
         for i, ev in enumerate(events):
@@ -291,7 +289,7 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
             digest = idcheck.body_digest(body if ev.fields is sent else pack(sent))
             size = len(body) + (sizes[i] if sizes else 0)
             if self.total_bytes + size > self.max_bytes and not self._make_room(
-                ev.kind, size, delta
+                ev.kind, size, delta, dropped
             ):
                 delta[ev.kind, "refused"] += 1
                 results.append("spool_full")
@@ -327,8 +325,8 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
                 known[ev.kind.value, ev.job_id, key] = ev.id
                 seen_rows.append((ev.kind.value, ev.job_id, key, ev.id, now))
             results.append(None)
-        if self._dropped and rows:  # a row of this group made room for a later one
-            rows[:] = [row for row in rows if row.seq not in self._dropped]
+        if dropped and rows:  # a row of this group made room for a later one
+            rows[:] = [row for row in rows if row.seq not in dropped]
         db.executemany("INSERT OR IGNORE INTO pending_inputs VALUES (?, ?)", blob_rows)
         db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, 1, ?)", seen_rows)
         db.executemany(
@@ -344,7 +342,9 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         with self._lock:
             return query(self._db, *args)
 
-    def _make_room(self, kind: Kind, size: int, delta: Counter[tuple[str, str]]) -> bool:
+    def _make_room(
+        self, kind: Kind, size: int, delta: Counter[tuple[str, str]], dropped: set[int]
+    ) -> bool:
         if kind in DURABLE_KINDS:
             return False
         need = self.total_bytes + size - self.max_bytes
@@ -360,7 +360,7 @@ class Spool(DeadLetters, InputJournal, SeenKeys, SpoolStatus):
         if freed < need:
             return False
         self._db.executemany("DELETE FROM events WHERE seq = ?", [(s,) for s in victims])
-        self._dropped.update(victims)
+        dropped.update(victims)
         self._count[kind] -= len(victims)
         self._bytes[kind] -= freed
         delta[kind, "dropped"] += len(victims)
