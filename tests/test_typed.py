@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pfclient._wire as wire
-from pfcollector import protocol, typed
+from pfcollector import eventcheck, protocol, typed
 from pfcollector.events import INT64_MAX, INT64_MIN, SCHEMAS, FieldSpec, Kind
 from pfcollector.protocol import EventMsg, MessageError, ServerConnection
 
@@ -109,7 +109,7 @@ def _slow(body: bytes, last_seq: int = 0) -> EventMsg | None:
     if type(obj) is not dict or obj.get("t") != "event":
         return None
     try:
-        return protocol._parse_event(obj, last_seq)
+        return protocol.EventMsg(*eventcheck.parse_event(obj, last_seq))
     except MessageError:
         return None
 
