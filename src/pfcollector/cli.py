@@ -248,7 +248,7 @@ def serve(
     daemon listens on the socket it is given instead of binding one.
     """
     from .activation import ActivationError
-    from .server import AddressInUse
+    from .sockdir import AddressInUse
     from .spool import SpoolCorrupt
 
     loaded, reload = _load(settings)

@@ -6,24 +6,21 @@ channel, and an acker that sends cumulative acks (and late errors) as the spool 
 One client's garbage costs that client its connection, never the daemon.
 
 Resource handling:
-    The socket file is created with the configured mode (0660) before ``listen``. A socket file
-    left by a dead daemon is replaced; a live daemon on the same path is refused with
-    :class:`AddressInUse`. Shutdown has two steps. :meth:`Server.stop_ingest` stops every
-    reader that could store events and closes the ingest channel once they are gone; from then
-    on the socket still answers control requests (``status`` during a drain), and events get
-    the non-fatal ``draining`` refusal. :meth:`Server.stop` then closes the listener, removes
-    the socket file, and lets each connection send its final ack before it is closed.
+    The socket file is created with the configured mode (0660) before ``listen``
+    (:func:`.sockdir.bind_unix`). A socket file left by a dead daemon is replaced; a live daemon
+    on the same path is refused with :class:`AddressInUse`. Shutdown has two steps.
+    :meth:`Server.stop_ingest` stops every reader that could store events and closes the ingest
+    channel once they are gone; from then on the socket still answers control requests
+    (``status`` during a drain), and events get the non-fatal ``draining`` refusal.
+    :meth:`Server.stop` then closes the listener, removes the socket file, and lets each
+    connection send its final ack before it is closed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import socket as stdlib_socket
-import stat
-import struct
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -52,6 +49,7 @@ from .protocol import (
     Welcome,
 )
 from .reader import READ_SIZE, read_connection
+from .sockdir import AddressInUse, bind_unix, peer_credentials
 
 __all__ = [
     "READ_SIZE",
@@ -71,8 +69,6 @@ COALESCED_EVENT_COST = 4096
 CLOSE_GRACE = 5.0
 #: Seconds a connection closed for a fatal error keeps reading (and discarding) its input.
 LINGER = 1.0
-_LISTEN_BACKLOG = 512
-_PEERCRED = struct.Struct("3i")
 
 ControlHandler = Callable[[str, dict[str, Any], "ConnectionInfo"], Awaitable[Any]]
 
@@ -101,10 +97,6 @@ class Limits:
         if self.allowed_uids is None and self.allowed_gids is None:
             return True
         return uid in (self.allowed_uids or ()) or gid in (self.allowed_gids or ())
-
-
-class AddressInUse(OSError):
-    """Another daemon is listening on the socket path, or the path is not a socket."""
 
 
 @dataclass
@@ -156,44 +148,6 @@ class IngestStats:
         self.refused[kind][code] += 1
         if accepted:
             self.accepted[kind] -= 1
-
-
-def bind_unix(path: Path, mode: int) -> trio.socket.SocketType:
-    """A listening Unix socket at ``path``, its file given ``mode`` before ``listen``.
-
-    Error handling:
-        :class:`AddressInUse` when a daemon answers on ``path`` or ``path`` is not a socket;
-        other ``OSError`` (permissions, a missing directory we cannot create) propagate.
-    """
-    path = Path(path)
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise AddressInUse(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
-        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("replacing stale socket file %s", path)
-            path.unlink(missing_ok=True)
-        else:
-            raise AddressInUse(
-                errno.EADDRINUSE, f"another pfcollector daemon is already listening on {path}"
-            )
-        finally:
-            probe.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-    old_umask = os.umask(0o777 & ~mode)  # the file is born with `mode`, never wider
-    try:
-        sock._sock.bind(str(path))  # type: ignore[attr-defined]  # a path bind never blocks
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, mode)
-    sock.listen(_LISTEN_BACKLOG)
-    return sock
 
 
 class Server:
@@ -336,7 +290,7 @@ class Server:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self._next_id += 1
-        pid, uid, gid = _peer_credentials(stream.socket)
+        pid, uid, gid = peer_credentials(stream.socket)
         info = ConnectionInfo(self._next_id, pid, uid, gid, time.time())
         self.stats.connections_total += 1
         out = Outbound(stream)
@@ -498,12 +452,3 @@ class Server:
         except (LookupError, ValueError, TypeError) as exc:
             return Reply(msg.req, False, error=str(exc))
         return Reply(msg.req, True, result=result)
-
-
-def _peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
-    try:
-        raw = sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _PEERCRED.size)
-    except OSError:
-        return 0, -1, -1
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return pid, uid, gid

@@ -1,4 +1,6 @@
-"""The socket's directory: private to the daemon's user, so no one else can take the path first.
+"""The daemon's socket: its private directory, binding it, and who is on the other end.
+
+The socket's directory is private to the daemon's user, so no one else can take the path first.
 
 The fallback socket path (no ``$PFCOLLECTOR_SOCKET``, no ``$XDG_RUNTIME_DIR``) is
 ``/tmp/pfcollector-<uid>/pfcollector.sock``. ``/tmp`` is writable by everyone: a socket
@@ -8,21 +10,45 @@ impostor. So the daemon creates the directory itself, mode ``0700`` (``0750`` wi
 directory, or a file already at the socket path, belongs to another uid or can be written by
 others (see docs/security.md).
 
+:func:`bind_unix` binds the socket with its mode set before anyone can connect, and refuses to
+take over a path where a daemon answers; :func:`peer_credentials` is the kernel's word on a
+peer (``SO_PEERCRED``), never the client's.
+
 Error handling:
-    :class:`SocketPathRefused` (an :class:`~pfcollector.server.AddressInUse`, so ``serve``
-    prints it as one line) names the path, its owner and its mode.
+    :class:`SocketPathRefused` (an :class:`AddressInUse`, so ``serve`` prints it as one line)
+    names the path, its owner and its mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
+import socket as stdlib_socket
 import stat
+import struct
 from pathlib import Path
 
-from .server import AddressInUse
+import trio
 
-__all__ = ["SocketPathRefused", "fallback_socket_dir", "prepare_socket_dir"]
+__all__ = [
+    "AddressInUse",
+    "SocketPathRefused",
+    "bind_unix",
+    "fallback_socket_dir",
+    "peer_credentials",
+    "prepare_socket_dir",
+]
+
+log = logging.getLogger(__name__)
+
+_LISTEN_BACKLOG = 512
+_PEERCRED = struct.Struct("3i")
+
+
+class AddressInUse(OSError):
+    """Another daemon is listening on the socket path, or the path is not a socket."""
 
 
 class SocketPathRefused(AddressInUse):
@@ -81,3 +107,51 @@ def prepare_socket_dir(socket_path: Path, group: int | None = None) -> None:
     if sock_st.st_uid not in (me, 0):
         raise _refuse(f"{socket_path} is owned by uid {sock_st.st_uid}, not this daemon's uid "
                       f"{me}: another user's process holds the socket path")  # fmt: skip
+
+
+def bind_unix(path: Path, mode: int) -> trio.socket.SocketType:
+    """A listening Unix socket at ``path``, its file given ``mode`` before ``listen``.
+
+    Error handling:
+        :class:`AddressInUse` when a daemon answers on ``path`` or ``path`` is not a socket;
+        other ``OSError`` (permissions, a missing directory we cannot create) propagate.
+    """
+    path = Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise AddressInUse(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
+        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("replacing stale socket file %s", path)
+            path.unlink(missing_ok=True)
+        else:
+            raise AddressInUse(
+                errno.EADDRINUSE, f"another pfcollector daemon is already listening on {path}"
+            )
+        finally:
+            probe.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)  # the file is born with `mode`, never wider
+    try:
+        sock._sock.bind(str(path))  # type: ignore[attr-defined]  # a path bind never blocks
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(_LISTEN_BACKLOG)
+    return sock
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    """The peer's ``(pid, uid, gid)`` as the kernel says (SO_PEERCRED); (0, -1, -1) if unknown."""
+    try:
+        raw = sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _PEERCRED.size)
+    except OSError:
+        return 0, -1, -1
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
