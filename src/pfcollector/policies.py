@@ -17,10 +17,13 @@ Coalesced kinds are acknowledged as *accepted* when they reach the :class:`Coale
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from .events import Event, Kind
+from .typed import KIND_OF, fields_of, run_struct, ts_ns
 
 __all__ = [
     "COALESCED_KINDS",
@@ -34,6 +37,7 @@ __all__ = [
 COALESCED_KINDS: frozenset[Kind] = frozenset({Kind.STATS, Kind.COVERAGE})
 #: Distinct (kind, job, fuzzer, pid) keys held at most; past this, the caller flushes early.
 MAX_COALESCE_KEYS = 4096
+_COVERAGE = run_struct(Kind.COVERAGE)
 #: Ids of merged events remembered per interval, at most (about 100 bytes each), so that a
 #: resend is not merged twice; past this the oldest are forgotten (the latest half are always
 #: known).
@@ -91,6 +95,63 @@ class Coalescer:
             event = event.with_fields(fields)
         self._pending[key] = event
         return True
+
+    def add_run(
+        self, run: Sequence[Any], job_id: str, fuzzer: str, pid: int, uid: int, now_ns: int
+    ) -> tuple[int, Counter[Kind]]:
+        """Merge a run of decoded stats and coverage events of one connection (structs of
+        :data:`.typed.DECODER`, from :meth:`.ServerConnection.next_run`), as :meth:`add` would
+        one by one, and how many of them it took (a prefix of ``run``: past a new key that does
+        not fit, the rest must be sent the durable way) with their kinds.
+
+        ``job_id``, ``fuzzer``, ``pid`` and ``uid`` are the connection's (the hello's job for
+        an event without its own); ``now_ns`` is the time of an event without ``ts``. Only the
+        last event of each key becomes an :class:`Event`: a read of 300 stats makes one.
+        """
+        ids, old_ids, half = self._ids, self._old_ids, self.max_ids // 2
+        pending, room = self._pending, self.max_keys - len(self._pending)
+        latest: dict[tuple[type, str], list[Any]] = {}  # [event, count, new_edges sum]
+        kinds: Counter[Kind] = Counter()
+        taken = 0
+        for event in run:
+            id_, cls = event.id, type(event)
+            if id_ is not None and (id_ in ids or id_ in old_ids):
+                self.resends += 1
+                kinds[KIND_OF[cls]] += 1
+                taken += 1
+                continue  # already merged: taken, and nothing to add
+            job = event.job_id or job_id
+            entry = latest.get((cls, job))
+            if entry is None:
+                if (KIND_OF[cls], job, fuzzer, pid) not in pending:
+                    if room <= 0:
+                        break
+                    room -= 1
+                entry = latest[cls, job] = [event, 0, 0]
+            entry[0] = event
+            entry[1] += 1
+            if cls is _COVERAGE:
+                entry[2] += event.new_edges
+            if id_ is not None:
+                ids.add(id_)
+                if len(ids) >= half:
+                    self._old_ids, old_ids = ids, ids
+                    self._ids = ids = set()
+            taken += 1
+        for (cls, job), (event, count, new_edges) in latest.items():
+            kind = KIND_OF[cls]
+            kinds[kind] += count
+            key = (kind, job, fuzzer, pid)
+            held = pending.get(key)
+            self.absorbed[kind] += count if held is not None else count - 1
+            fields = fields_of(event)
+            if kind is Kind.COVERAGE:
+                held_edges = int(held.fields.get("new_edges", 0)) if held is not None else 0
+                fields["new_edges"] = held_edges + new_edges
+            ts = event.ts
+            pending[key] = Event(event.id or str(uuid.uuid4()), kind, job, fuzzer,
+                                 now_ns if ts is None else ts_ns(ts), fields, pid, uid)  # fmt: skip
+        return taken, kinds
 
     @property
     def full(self) -> bool:

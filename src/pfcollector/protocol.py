@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeAlias
 
 import msgpack
+from msgspec import DecodeError
 
 from pfcollector.checks import (
     ID_MAX,
@@ -38,7 +39,7 @@ from pfcollector.checks import (
 from pfcollector.eventcheck import parse_event
 from pfcollector.events import Kind
 from pfcollector.packing import pack
-from pfcollector.typed import decode_event
+from pfcollector.typed import TS_LIMIT, RunDecoder, decode_event
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -291,6 +292,48 @@ class ServerConnection:
             self._eof = True
         elif self._error is None:  # after a fatal error, nothing more is buffered
             self._buf += data
+
+    def next_run(self, decoder: RunDecoder, limit: int) -> list[Any]:
+        """Up to ``limit`` events of the decoder's kinds from the head of the buffer, consumed
+        and returned as the structs it made of them (checked in C, ids checked together, seq
+        going up, ``ts`` in range); ``[]`` when the first frame is not one of them.
+
+        A read's worth of stats costs one loop turn an event, with no message object and no
+        fields dict: the caller makes those only for what it keeps. The run stops before a
+        frame that is incomplete, of a bad size, refused by the decoder or out of order:
+        :meth:`next_message` takes that one, and names what is wrong with it.
+        """
+        if self._error is not None or self.hello is None:
+            return []
+        run: list[Any] = []
+        buf, pos, last, max_frame = self._buf, 0, self.last_seq, self.max_frame
+        have, unpack_from, decode = len(buf), _HEADER.unpack_from, decoder.decode
+        with memoryview(buf) as view:
+            while len(run) < limit and pos + HEADER_SIZE <= have:
+                (size,) = unpack_from(buf, pos)
+                start = pos + HEADER_SIZE
+                if not 0 < size <= max_frame or start + size > have:
+                    break
+                try:
+                    event = decode(view[start : start + size])
+                except DecodeError:
+                    break
+                ts = event.ts
+                if event.seq <= last or (ts is not None and not 0 <= ts < TS_LIMIT):
+                    break
+                last = event.seq
+                run.append(event)
+                pos = start + size
+        valid = decoder.valid_ids(run) if run else 0
+        if valid < len(run):  # rare: the frames from the bad id on are left for next_message
+            del run[valid:]
+            last = run[-1].seq if run else self.last_seq
+            pos = 0
+            for _ in run:
+                pos += HEADER_SIZE + _HEADER.unpack_from(buf, pos)[0]
+        del buf[:pos]  # O(1) at the front of a bytearray
+        self.last_seq = last
+        return run
 
     def next_message(self) -> ClientMessage | None:
         """The next complete message, or ``None`` until more data arrives (or at EOF).

@@ -50,6 +50,7 @@ from .protocol import (
 )
 from .reader import READ_SIZE, read_connection
 from .sockdir import AddressInUse, bind_unix, peer_credentials
+from .typed import event_parts
 
 __all__ = [
     "READ_SIZE",
@@ -409,14 +410,37 @@ class Server:
             return False
         keys = len(coalescer)
         taken = coalescer.add(event)
-        if len(coalescer) != keys:  # a new key: counted per key held, a fixed cost each
-            self._coalesced.grow(len(coalescer) * COALESCED_EVENT_COST - self._coalesced.held)
-            if coalescer.full:
-                self._coalescer_full.set()  # push early rather than grow
+        if len(coalescer) != keys:
+            self._coalescer_grew(coalescer)
         if taken:
             tracker.handled(seq)
         # Not taken: full of other keys, so this one goes to the spool (flow control).
         return taken
+
+    def _coalesce_run(self, run: list[Any], hello: Hello, info: ConnectionInfo,
+                      tracker: AckTracker) -> list[EventMsg]:  # fmt: skip
+        """Merge a run of stats and coverage (:meth:`.ServerConnection.next_run`), acked at
+        once; what the coalescer could not take (full of other keys) must be spooled."""
+        coalescer = self.coalescer
+        assert coalescer is not None
+        keys = len(coalescer)
+        taken, kinds = coalescer.add_run(run, hello.job_id, hello.fuzzer, info.pid, info.uid,
+                                         time.time_ns())  # fmt: skip
+        if len(coalescer) != keys:
+            self._coalescer_grew(coalescer)
+        for kind, count in kinds.items():
+            self.stats.received[kind] += count
+            self.stats.accepted[kind] += count
+        info.events += taken
+        if taken:
+            tracker.handled(run[taken - 1].seq)
+        return [EventMsg(*event_parts(event)) for event in run[taken:]]
+
+    def _coalescer_grew(self, coalescer: Coalescer) -> None:
+        """The coalescer holds a new key: counted per key held, a fixed cost each."""
+        self._coalesced.grow(len(coalescer) * COALESCED_EVENT_COST - self._coalesced.held)
+        if coalescer.full:
+            self._coalescer_full.set()  # push early rather than grow
 
     async def _spool_event(
         self,
