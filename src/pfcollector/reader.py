@@ -197,7 +197,9 @@ async def read_connection(
     size = SMALL_READ  # what the next read asks for: up to chunk while reads come back full
     clock = FrameClock(limits)
     tokens = TokenBucket(limits.rate_limit, trio.current_time())
-    runs = server.coalescer is not None
+    # Whether to try a run before the next message: while coalescing, unless the connection's
+    # last event was of another kind (a crash producer would decode each crash twice).
+    runs = coalescing = server.coalescer is not None
     try:
         while True:
             # Room for the whole frame being received (what is buffered of it is less) and
@@ -256,6 +258,7 @@ async def read_connection(
                     break
                 completed = True
                 if isinstance(msg, EventMsg):
+                    runs = coalescing and msg.kind in COALESCED_KINDS
                     if not tokens.available(trio.current_time()):
                         server.stats.received[msg.kind] += 1
                         server.stats.refuse(msg.kind, "rate_limited")
