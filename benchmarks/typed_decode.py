@@ -115,9 +115,28 @@ def bench_typed_decode(quick: bool) -> dict[str, Any]:
             got += 1
         assert got == n, got
 
+    def run_daemon_runs() -> None:
+        from pfcollector.reader import RUN_DECODER
+
+        conn = ServerConnection()
+        conn.receive_data(_HEADER.pack(len(hello)) + hello)
+        conn.next_message()
+        conn.receive_data(stream)
+        got = 0
+        while run := conn.next_run(RUN_DECODER, 1 << 16):
+            got += len(run)
+        assert got == n, got
+
     t_unpackb = _best(run_unpackb, repeat)
     t_msgspec = _best(run_msgspec, repeat)
     t_daemon = _best(run_daemon, repeat)
+    runs: dict[str, Any] = {}
+    if hasattr(ServerConnection, "next_run"):  # not in trees before round 7 (--src)
+        t_runs = _best(run_daemon_runs, repeat)
+        runs = {
+            "daemon_runs_per_s": round(n / t_runs),
+            "daemon_runs_ratio": round(t_unpackb / t_runs, 2),
+        }
     return {
         "frames": n,
         "frame_bytes": round(len(stream) / n, 1),
@@ -127,6 +146,7 @@ def bench_typed_decode(quick: bool) -> dict[str, Any]:
         "daemon_parser_per_s": round(n / t_daemon),
         "ratio": round(t_unpackb / t_msgspec, 2),
         "daemon_parser_ratio": round(t_unpackb / t_daemon, 2),
+        **runs,
     }
 
 

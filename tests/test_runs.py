@@ -129,7 +129,8 @@ def streams(draw: st.DrawFn) -> tuple[list[dict[str, Any]], set[Any]]:
         if draw(st.booleans()):
             obj["ts"] = draw(st.sampled_from([1_700_000_000, 1_700_000_000.5, -1, 1e20]))
         if draw(st.integers(0, 4)) == 0:
-            obj["job_id"] = draw(st.sampled_from(["job-2", "job-1", "bad\x01", None]))
+            obj["job_id"] = draw(st.sampled_from(["job-2", "job-1", "é-3", "bad\x01", "a\x9f",
+                                                  "", "j" * 257, 5, None]))  # fmt: skip
         if kind == "stats":
             obj["executions"] = draw(st.sampled_from([0, 5, 10**6, -1, "many"]))
         elif kind == "coverage":

@@ -18,6 +18,7 @@ from .events import FILE_NAME_MAX, INT64_MAX, INT64_MIN, FieldSpec
 __all__ = [
     "ID_MAX",
     "ID_PATTERN",
+    "NAME_FORBIDDEN",
     "NAME_MAX",
     "NAME_PATTERN",
     "Checker",
@@ -36,8 +37,10 @@ ID_MAX = 64
 
 #: An event id: 1..ID_MAX characters of ``[A-Za-z0-9._:-]`` (``\Z``: ``$`` would allow a newline).
 ID_PATTERN = rf"^[A-Za-z0-9._:-]{{1,{ID_MAX}}}\Z"
+#: The control characters a name may not hold.
+NAME_FORBIDDEN = r"[\x00-\x1f\x7f-\x9f]"
 #: A job or fuzzer name: non-empty, no control characters (its length is bounded apart).
-NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+\Z"
+NAME_PATTERN = rf"^[^{NAME_FORBIDDEN[1:-1]}]+\Z"
 _NAME_RE = re.compile(NAME_PATTERN)
 _MISSING: Any = object()
 _INT_SPECS = {name: FieldSpec(name, int) for name in ("seq", "v", "pid", "req", "max_frame")}

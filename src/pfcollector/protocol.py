@@ -295,7 +295,7 @@ class ServerConnection:
 
     def next_run(self, decoder: RunDecoder, limit: int) -> list[Any]:
         """Up to ``limit`` events of the decoder's kinds from the head of the buffer, consumed
-        and returned as the structs it made of them (checked in C, ids checked together, seq
+        and returned as the structs it made of them (checked in C, names checked together, seq
         going up, ``ts`` in range); ``[]`` when the first frame is not one of them.
 
         A read's worth of stats costs one loop turn an event, with no message object and no
@@ -324,7 +324,7 @@ class ServerConnection:
                 last = event.seq
                 run.append(event)
                 pos = start + size
-        valid = decoder.valid_ids(run) if run else 0
+        valid = decoder.valid_names(run) if run else 0
         if valid < len(run):  # rare: the frames from the bad id on are left for next_message
             del run[valid:]
             last = run[-1].seq if run else self.last_seq
