@@ -37,7 +37,7 @@ __all__ = [
 COALESCED_KINDS: frozenset[Kind] = frozenset({Kind.STATS, Kind.COVERAGE})
 #: Distinct (kind, job, fuzzer, pid) keys held at most; past this, the caller flushes early.
 MAX_COALESCE_KEYS = 4096
-_COVERAGE = run_struct(Kind.COVERAGE)
+_COVERAGE = run_struct(Kind.COVERAGE)  # a run's coverage events are of this type
 #: Ids of merged events remembered per interval, at most (about 100 bytes each), so that a
 #: resend is not merged twice; past this the oldest are forgotten (the latest half are always
 #: known).
@@ -99,10 +99,11 @@ class Coalescer:
     def add_run(
         self, run: Sequence[Any], job_id: str, fuzzer: str, pid: int, uid: int, now_ns: int
     ) -> tuple[int, Counter[Kind]]:
-        """Merge a run of decoded stats and coverage events of one connection (structs of
-        :data:`.typed.DECODER`, from :meth:`.ServerConnection.next_run`), as :meth:`add` would
-        one by one, and how many of them it took (a prefix of ``run``: past a new key that does
-        not fit, the rest must be sent the durable way) with their kinds.
+        """Merge a run of decoded stats and coverage events of one connection (the structs of
+        a :class:`.typed.RunDecoder`, from :meth:`.ServerConnection.next_run`) as :meth:`add`
+        would one by one; how many it took, with their kinds. What it took is a prefix of
+        ``run``: it stops at an event of a new key that does not fit, and the caller takes
+        that one and the rest one at a time (:meth:`add`, else the spool).
 
         ``job_id``, ``fuzzer``, ``pid`` and ``uid`` are the connection's (the hello's job for
         an event without its own); ``now_ns`` is the time of an event without ``ts``. Only the

@@ -234,7 +234,7 @@ async def read_connection(
                         left = server._coalesce_run(run, hello, info, tracker)
                         cost = (before - conn.pending_bytes) // len(run) + EVENT_OVERHEAD
                         del run
-                        for one in left:  # the coalescer is full: the durable way, one by one
+                        for one in left:  # the coalescer is full: one at a time
                             await _dispatch(server, one, conn, info, tracker, reserved, cost)
                         continue
                 try:

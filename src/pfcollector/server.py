@@ -420,7 +420,8 @@ class Server:
     def _coalesce_run(self, run: list[Any], hello: Hello, info: ConnectionInfo,
                       tracker: AckTracker) -> list[EventMsg]:  # fmt: skip
         """Merge a run of stats and coverage (:meth:`.ServerConnection.next_run`), acked at
-        once; what the coalescer could not take (full of other keys) must be spooled."""
+        once; what the coalescer did not take (it is full of other keys) is returned, for the
+        reader to take one at a time."""
         coalescer = self.coalescer
         assert coalescer is not None
         keys = len(coalescer)
