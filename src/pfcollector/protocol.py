@@ -3,7 +3,8 @@
 A frame is a 4-byte unsigned big-endian length ``N`` followed by ``N`` bytes holding exactly one
 msgpack map with string keys; key ``"t"`` names the message type. :class:`ServerConnection` is
 the daemon's side (like ``h11.Connection``): feed it what the socket read with
-:meth:`~ServerConnection.receive_data`, pull messages with :meth:`~ServerConnection.next_message`.
+:meth:`~ServerConnection.receive_data`, pull messages with :meth:`~ServerConnection.next_message`
+(or, for the kinds a reader takes in bulk, runs of them with :meth:`~ServerConnection.next_run`).
 It owns the frame-size limit and the per-connection session rules (hello first, increasing
 ``seq``). Event fields are validated against :data:`pfcollector.events.SCHEMAS`.
 
@@ -325,7 +326,7 @@ class ServerConnection:
                 run.append(event)
                 pos = start + size
         valid = decoder.valid_names(run) if run else 0
-        if valid < len(run):  # rare: the frames from the bad id on are left for next_message
+        if valid < len(run):  # rare: the frames from the bad name on are left for next_message
             del run[valid:]
             last = run[-1].seq if run else self.last_seq
             pos = 0
