@@ -105,12 +105,16 @@ def bench_typed_decode(quick: bool) -> dict[str, Any]:
     hello = msgpack.packb({"t": "hello", "v": 1, "job_id": "job-0", "fuzzer": "bench",
                            "pid": 1}, use_bin_type=True)  # fmt: skip
 
-    def run_daemon() -> None:
+    def connection() -> ServerConnection:
+        """A connection past its hello, with every frame buffered."""
         conn = ServerConnection()
         conn.receive_data(_HEADER.pack(len(hello)) + hello)
         conn.next_message()
         conn.receive_data(stream)
-        got = 0
+        return conn
+
+    def run_daemon() -> None:
+        conn, got = connection(), 0
         while conn.next_message() is not None:
             got += 1
         assert got == n, got
@@ -118,11 +122,7 @@ def bench_typed_decode(quick: bool) -> dict[str, Any]:
     def run_daemon_runs() -> None:
         from pfcollector.reader import RUN_DECODER
 
-        conn = ServerConnection()
-        conn.receive_data(_HEADER.pack(len(hello)) + hello)
-        conn.next_message()
-        conn.receive_data(stream)
-        got = 0
+        conn, got = connection(), 0
         while run := conn.next_run(RUN_DECODER, 1 << 16):
             got += len(run)
         assert got == n, got
