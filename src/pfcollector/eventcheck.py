@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 from .checks import ID_MAX, ID_PATTERN, Checker, MessageError, describe
 from .events import INT64_MAX, INT64_MIN, SCHEMAS, FieldSpec, Kind
 from .typed import TS_LIMIT
+from .typed import ts_ns as seconds_to_ns
 
 __all__ = ["Parsed", "parse_event"]
 
@@ -96,7 +97,7 @@ def parse_event(obj: dict[Any, Any], last_seq: int) -> Parsed:
         if not 0 <= ts < TS_LIMIT:  # also refuses nan and inf
             raise Checker("event", seq, kind_name).fail(
                 "out_of_range", "ts", f"must be seconds since the epoch, got {ts}")  # fmt: skip
-        ts_ns = ts * 1_000_000_000 if type(ts) is int else round(ts * 1e9)
+        ts_ns = seconds_to_ns(ts)
     job_id = None
     if "job_id" in obj:
         if obj["job_id"] is not None:

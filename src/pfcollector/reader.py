@@ -232,10 +232,12 @@ async def read_connection(
                         hello = conn.hello
                         assert hello is not None  # a run needs the hello
                         left = server._coalesce_run(run, hello, info, tracker)
-                        cost = (before - conn.pending_bytes) // len(run) + EVENT_OVERHEAD
-                        del run
-                        for one in left:  # the coalescer is full: one at a time
-                            await _dispatch(server, one, conn, info, tracker, reserved, cost)
+                        frames = len(run)
+                        del run  # not held while this reader waits
+                        if left:  # the coalescer is full: the rest one at a time
+                            cost = (before - conn.pending_bytes) // frames + EVENT_OVERHEAD
+                            for one in left:
+                                await _dispatch(server, one, conn, info, tracker, reserved, cost)
                         continue
                 try:
                     msg = conn.next_message()

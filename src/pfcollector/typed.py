@@ -33,8 +33,8 @@ from .checks import ID_MAX, ID_PATTERN, NAME_FORBIDDEN, NAME_MAX, NAME_PATTERN
 from .events import FILE_NAME_MAX, INT64_MAX, INT64_MIN, SCHEMAS, FieldSpec, Kind
 
 __all__ = [
-    "DECODER", "KIND_OF", "TS_LIMIT", "RunDecoder", "decode_event", "event_parts", "fields_of",
-    "run_struct", "ts_ns",
+    "KIND_OF", "TS_LIMIT", "RunDecoder", "decode_event", "event_parts", "fields_of", "run_struct",
+    "ts_ns",
 ]  # fmt: skip
 
 #: Timestamps are seconds since the epoch whose nanoseconds fit in int64.
@@ -81,7 +81,8 @@ _RUN_NAMES = {
 }
 _RUN_ENVELOPE = [(name, _RUN_NAMES.get(name, annotation), default)
                  for name, annotation, default in _ENVELOPE]  # fmt: skip
-_ID_CHARS = b"".join(bytes([c]) for c in range(128) if re.fullmatch(ID_PATTERN, chr(c)))
+# What an id may hold, and the newline valid_names joins ids with: deleted, nothing is left.
+_ID_CHARS = b"".join(bytes([c]) for c in range(128) if re.fullmatch(ID_PATTERN, chr(c))) + b"\n"
 
 
 def _struct(
@@ -100,13 +101,13 @@ def _struct(
 
 _STRUCTS = {kind: _struct(kind, specs, _ENVELOPE) for kind, specs in SCHEMAS.items()}
 _RUN_STRUCTS = {kind: _struct(kind, specs, _RUN_ENVELOPE) for kind, specs in SCHEMAS.items()}
-#: The kind of each decoded struct type (DECODER's and RunDecoder's).
+#: The kind of each decoded struct type (decode_event's and RunDecoder's).
 KIND_OF: dict[type, Kind] = {struct: kind for kind, struct in _STRUCTS.items()} | {
     struct: kind for kind, struct in _RUN_STRUCTS.items()
 }
-#: Decodes and checks one event frame body into its kind's struct; raises
-#: ``msgspec.DecodeError`` (``ValidationError`` is one) for anything it does not take.
-DECODER: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+# Decodes and checks one event frame body into its kind's struct; raises
+# ``msgspec.DecodeError`` (``ValidationError`` is one) for anything it does not take.
+_DECODER: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
     Union[tuple(_STRUCTS.values())]  # noqa: UP007 (a union of types made at run time)
 )
 _asdict = msgspec.structs.asdict
@@ -117,7 +118,7 @@ _CORPUS = Kind.CORPUS
 
 
 class RunDecoder:
-    """Decodes and checks events of ``kinds`` as :data:`DECODER` does, a run at a time: its
+    """Decodes and checks events of ``kinds`` as :func:`decode_event` does, a run at a time: its
     :attr:`decode` checks everything but the characters of ids and job ids, which
     :meth:`valid_names` checks for a whole run in a few C calls
     (:meth:`.ServerConnection.next_run`)."""
@@ -135,7 +136,7 @@ class RunDecoder:
         jobs = "".join([event.job_id for event in run if event.job_id is not None])
         if joined.isascii() and not (jobs and _NOT_NAME.search(jobs)):
             raw = joined.encode()
-            if not raw.translate(None, _ID_CHARS + b"\n") and raw.count(10) == len(run) - 1:
+            if not raw.translate(None, _ID_CHARS) and raw.count(10) == len(run) - 1:
                 return len(run)
         bad = (i for i, event in enumerate(run)
                if (event.id is not None and not _ID_RE.fullmatch(event.id))
@@ -169,7 +170,7 @@ def decode_event(
     accepts it (a string it truncates, say) or names what is wrong.
     """
     try:
-        event = DECODER.decode(body)
+        event = _DECODER.decode(body)
     except msgspec.DecodeError:  # ValidationError is one
         return None
     ts = event.ts
@@ -187,7 +188,7 @@ def decode_event(
 def event_parts(
     event: Any, fields: dict[str, Any] | None = None
 ) -> tuple[int, Kind, dict[str, Any], str | None, int | None, str | None]:
-    """``(seq, kind, fields, id, ts_ns, job_id)`` of an event :data:`DECODER` took, its ``ts``
+    """``(seq, kind, fields, id, ts_ns, job_id)`` of a decoded event struct, its ``ts``
     within TS_LIMIT (and a corpus's contents matching its files)."""
     ts = event.ts
     return (event.seq, KIND_OF[type(event)], fields_of(event) if fields is None else fields,
